@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""The book's two commands, and a few helpers for writing notebooks.
+
+    python3 tasks.py book      build the site into _build/html (open _build/html/index.html)
+    python3 tasks.py test      run every test: companion's unit tests, every notebook under nbval,
+                               the book built with warnings as errors, and its pages in Chromium
+
+Each command first makes the virtual environment .venv (once) and installs what it needs:
+torch (the CPU build 2.13.0 where there is no GPU; an already installed torch, as on Colab, is
+kept), requirements.txt and companion itself (editable). ``test`` also installs Debian's
+Chromium and MathJax (npm) for the page checks when they are missing.
+
+Helpers:
+    python3 tasks.py execute notebooks/<slug>.ipynb [...]   run notebooks at ci scale, store outputs
+    python3 tasks.py pages                                   regenerate _toc.yml, the catalogue and
+                                                             the reproductions page (and ci figures)
+    python3 tasks.py full notebooks/<slug>.ipynb [...]      run notebooks at full scale (GPU) and keep
+                                                             their figures for the reproductions page
+    python3 tasks.py bench [name]                            run the benchmarks in benchmarks/
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+CACHE = ROOT / ".cache"
+MATHJAX_DIR = CACHE / "mathjax"
+CPU_TORCH = "torch==2.13.0"
+
+
+def log(msg: str) -> None:
+    print(f"[tasks] {msg}", flush=True)
+
+
+def run(cmd, **kw) -> None:
+    log(" ".join(str(c) for c in cmd))
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def ensure_env() -> None:
+    """Create .venv and install torch, requirements.txt and companion; re-run inside it."""
+    if not in_venv():
+        if not venv_python().exists():
+            log(f"creating the virtual environment {VENV}")
+            run([sys.executable, "-m", "venv", VENV])
+        os.execv(str(venv_python()), [str(venv_python()), str(ROOT / "tasks.py"), *sys.argv[1:]])
+    stamp = VENV / ".companion-installed"
+    digest = hashlib.sha256(
+        (ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+    ).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    try:
+        import torch  # noqa: F401
+
+        log(f"torch {torch.__version__} is already installed; keeping it")
+    except ImportError:
+        run(pip + (["torch"] if has_gpu() else [CPU_TORCH]))
+    run(pip + ["-r", ROOT / "requirements.txt"])
+    run(pip + ["--no-deps", "-e", ROOT])
+    stamp.write_text(digest)
+
+
+def ensure_browser() -> None:
+    """Debian's Chromium + chromedriver and MathJax 3 (npm) for the page checks."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            run(["apt-get", "update", "-qq"], env=env)
+            run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], env=env)
+        else:
+            log("chromium is missing and cannot be installed here (needs apt-get as root): "
+                "the page checks will fail")
+    if not (MATHJAX_DIR / "node_modules" / "mathjax" / "es5" / "tex-chtml.js").exists():
+        if not shutil.which("npm") and shutil.which("apt-get") and os.geteuid() == 0:
+            run(["apt-get", "install", "-y", "-qq", "npm"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        MATHJAX_DIR.mkdir(parents=True, exist_ok=True)
+        run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", MATHJAX_DIR, "mathjax@3"])
+
+
+def build_book(out: Path | None = None, warnings_as_errors: bool = True) -> Path:
+    """jupyter-book build of the repository root (notebooks are not executed: they carry outputs)."""
+    cmd = [Path(sys.executable).parent / "jupyter-book", "build", ROOT, "--all"]
+    if warnings_as_errors:
+        cmd += ["--warningiserror", "--keep-going"]
+    if out is not None:
+        cmd += ["--path-output", out]
+    run(cmd)
+    html = (out or ROOT) / "_build" / "html"
+    log(f"the site is at {html / 'index.html'}")
+    return html
+
+
+def cmd_book(args) -> int:
+    t0 = time.time()
+    build_book(warnings_as_errors=True)
+    log(f"book built in {time.time() - t0:.0f} s")
+    return 0
+
+
+def test_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("COMPANION_SCALE", "ci")
+    env.setdefault("COMPANION_NUM_THREADS", "1")
+    env.setdefault("MPLBACKEND", "Agg")
+    env["COMPANION_MATHJAX"] = str(MATHJAX_DIR / "node_modules" / "mathjax" / "es5")
+    return env
+
+
+def cmd_test(args) -> int:
+    ensure_browser()
+    t0 = time.time()
+    workers = os.environ.get("COMPANION_TEST_WORKERS", "2")
+    cmd = [sys.executable, "-m", "pytest", "tests", "notebooks", "--nbval",
+           "--nbval-current-env", "--nbval-sanitize-with", ROOT / "tests" / "sanitize.cfg",
+           "--nbval-cell-timeout", "600", "-n", workers, "--dist", "loadscope", "-q", *args]
+    code = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=test_env()).returncode
+    log(f"tests finished in {time.time() - t0:.0f} s with exit code {code}")
+    return code
+
+
+def cmd_execute(args) -> int:
+    """Execute notebooks at ci scale on the CPU and store their outputs in place."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    if not args:
+        log("usage: python3 tasks.py execute notebooks/<slug>.ipynb [...]")
+        return 2
+    env = test_env()
+    os.environ.update({k: env[k] for k in ("COMPANION_SCALE", "COMPANION_NUM_THREADS", "MPLBACKEND")})
+    for path in args:
+        nb = nbformat.read(path, as_version=4)
+        t0 = time.time()
+        NotebookClient(nb, timeout=900, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+        nbformat.write(nb, path)
+        log(f"{path}: executed in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        if args and not any(a in script.name for a in args):
+            continue
+        run([sys.executable, script], cwd=ROOT)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Generated pages: the table of contents, the catalogue and the reproductions page are written
+# from book/articles.csv, book/reproductions.csv and the notebooks and figures that exist, so that
+# they never list a notebook that is not there (tests/test_structure.py checks they are current).
+# --------------------------------------------------------------------------------------------
+PART_TITLES = {
+    "losses": "Losses", "lm": "Language models", "heads": "Task heads",
+    "peft": "Parameter-efficient tuning", "attention": "Attention", "position": "Position encodings",
+    "init": "Initialisation and scaling", "rnn": "Recurrence", "optim": "Optimizers",
+    "memory": "Memory", "diffusion": "Diffusion models", "vae": "Variational autoencoders",
+    "quantize": "Quantisation", "gan": "GANs", "ssl": "Self-supervised learning",
+    "geometry": "High-dimensional geometry", "numbers": "Number puzzles",
+    "variational": "Calculus of variations",
+}
+FIGURES = ROOT / "book" / "figures"
+
+
+def articles() -> list[dict]:
+    import csv
+
+    with open(ROOT / "book" / "articles.csv", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def has_notebook(slug: str) -> bool:
+    return (ROOT / "notebooks" / f"{slug}.ipynb").exists()
+
+
+def render_toc() -> str:
+    lines = ["# Generated by `python3 tasks.py pages` from book/articles.csv: only notebooks that exist.",
+             "format: jb-book", "root: book/intro", "parts:", "  - caption: About this book",
+             "    chapters:", "      - file: book/how-to-run", "      - file: book/catalogue",
+             "      - file: book/reproductions"]
+    for part, title in PART_TITLES.items():
+        slugs = [a["slug"] for a in articles() if a["part"] == part and has_notebook(a["slug"])]
+        if slugs:
+            lines += [f"  - caption: {title}", "    chapters:"]
+            lines += [f"      - file: notebooks/{s}" for s in slugs]
+    lines += ["  - caption: Back matter", "    chapters:", "      - file: book/references"]
+    return "\n".join(lines) + "\n"
+
+
+def kexue_link(a: dict) -> str:
+    return f"[kexue.fm/archives/{a['archive']}](https://kexue.fm/archives/{a['archive']})" \
+        if a["archive"] else "kexue.fm"
+
+
+def render_catalogue() -> str:
+    rows = articles()
+    done = sum(has_notebook(a["slug"]) for a in rows)
+    technical = sum(1 for a in rows if a["part"])
+    out = ["# Catalogue", "",
+           f"The book follows {len(rows)} articles by 苏剑林 (Su Jianlin) from his blog "
+           f"[科学空间 (kexue.fm)](https://kexue.fm): {technical} technical ones, each of which gets a "
+           f"notebook, and one personal piece that is listed here only. **{done} of {technical} "
+           "notebooks are written**; the others are planned.", "",
+           "This page is generated from `book/articles.csv` by `python3 tasks.py pages`.", "",
+           "| # | Article | Original title | Date | Part | Status |",
+           "|---|---|---|---|---|---|"]
+    for a in rows:
+        if not a["part"]:
+            status = "not technical: no notebook"
+            part = "personal / history"
+        elif has_notebook(a["slug"]):
+            status = f"[notebook](../notebooks/{a['slug']}.ipynb)"
+            part = PART_TITLES[a["part"]]
+        else:
+            status = "planned"
+            part = PART_TITLES[a["part"]]
+        out.append(f"| {a['num']} | {a['title_en']} | {a['title_zh']} ({kexue_link(a)}) | "
+                   f"{a['date']} | {part} | {status} |")
+    out += ["", "## The non-technical entry", "",
+            "*[追溯]封装界传奇人物* (2014) is a repost with a short foreword by the author: a list of "
+            "well-known people of the Chinese GhostXP scene of the 2000s, where hobbyists built and "
+            "shared pre-packaged Windows XP images. The foreword says that this hobby taught him most "
+            "of his early computing, and that some of its groups later made Linux distributions "
+            "(deepin; ylmf, later StartOS). It has no mathematics and no code, so it has no notebook.", ""]
+    return "\n".join(out)
+
+
+def _figure_cell(path: Path, alt: str) -> str:
+    rel = path.relative_to(ROOT / "book").as_posix()
+    return f'<img src="{rel}" alt="{alt}" width="280">'
+
+
+def render_reproductions() -> str:
+    import csv
+
+    with open(ROOT / "book" / "reproductions.csv", encoding="utf-8") as f:
+        claims = {r["slug"]: r for r in csv.DictReader(f)}
+    runs = {}
+    if (FIGURES / "full-runs.csv").exists():
+        with open(FIGURES / "full-runs.csv", encoding="utf-8") as f:
+            runs = {r["slug"]: r for r in csv.DictReader(f)}
+    out = ["# Reproductions", "",
+           "Each notebook reproduces one headline claim. Below: the claim, what the paper (or the "
+           "article) shows, our figure at ci scale (a CPU, in seconds: the run stored in the "
+           "notebook and checked by the tests) and our figure at full scale (a GPU, in minutes) with "
+           "the device it ran on. Papers' figures are described and cited, not copied.", "",
+           "| Article | Claim | Paper's figure | Our ci-scale figure | Our full-scale figure |",
+           "|---|---|---|---|---|"]
+    for a in articles():
+        slug = a["slug"]
+        if not has_notebook(slug):
+            continue
+        c = claims.get(slug, {"claim": "", "paper_figure": ""})
+        ci = FIGURES / f"{slug}-ci.png"
+        full = FIGURES / f"{slug}-full.png"
+        ci_cell = _figure_cell(ci, f"{slug} at ci scale") if ci.exists() else "not extracted"
+        if full.exists() and slug in runs:
+            r = runs[slug]
+            full_cell = (_figure_cell(full, f"{slug} at full scale") +
+                         f"<br>{r['device']}, {r['minutes']} min, {r['date']}")
+        else:
+            full_cell = "not run yet"
+        out.append(f"| [{a['title_en']}](../notebooks/{slug}.ipynb) | {c['claim']} | "
+                   f"{c['paper_figure']} | {ci_cell} | {full_cell} |")
+    return "\n".join(out) + "\n"
+
+
+def write_pages() -> None:
+    (ROOT / "_toc.yml").write_text(render_toc(), encoding="utf-8")
+    (ROOT / "book" / "catalogue.md").write_text(render_catalogue(), encoding="utf-8")
+    (ROOT / "book" / "reproductions.md").write_text(render_reproductions(), encoding="utf-8")
+
+
+def last_figure(nb_path: Path) -> bytes | None:
+    """The PNG of the cell tagged ``headline``, else the last PNG output of the notebook."""
+    import base64
+
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    tagged, last = None, None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            png = out.get("data", {}).get("image/png")
+            if png:
+                last = png
+                if "headline" in cell.get("metadata", {}).get("tags", []):
+                    tagged = png
+    chosen = tagged or last
+    return base64.b64decode(chosen) if chosen else None
+
+
+def cmd_pages(args) -> int:
+    """Extract each notebook's headline figure (ci scale) and regenerate the generated pages."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for a in articles():
+        nb = ROOT / "notebooks" / f"{a['slug']}.ipynb"
+        if nb.exists():
+            png = last_figure(nb)
+            if png:
+                (FIGURES / f"{a['slug']}-ci.png").write_bytes(png)
+    write_pages()
+    log("wrote _toc.yml, book/catalogue.md, book/reproductions.md and book/figures/*-ci.png")
+    return 0
+
+
+def cmd_full(args) -> int:
+    """Run notebooks at full scale (on a GPU) into _build/full/, keep their headline figures in
+    book/figures/<slug>-full.png and record the device and time in book/figures/full-runs.csv.
+    The stored (ci-scale) outputs of the notebooks themselves are not touched."""
+    import csv
+    import datetime
+
+    import nbformat
+    import torch
+    from nbclient import NotebookClient
+
+    os.environ["COMPANION_SCALE"] = "full"
+    out_dir = ROOT / "_build" / "full"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    runs_path = FIGURES / "full-runs.csv"
+    runs = {}
+    if runs_path.exists():
+        with open(runs_path, encoding="utf-8") as f:
+            runs = {r["slug"]: r for r in csv.DictReader(f)}
+    for path in args:
+        slug = Path(path).stem
+        nb = nbformat.read(path, as_version=4)
+        t0 = time.time()
+        NotebookClient(nb, timeout=1800, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+        minutes = (time.time() - t0) / 60
+        nbformat.write(nb, out_dir / f"{slug}.ipynb")
+        png = last_figure(out_dir / f"{slug}.ipynb")
+        if png:
+            (FIGURES / f"{slug}-full.png").write_bytes(png)
+        runs[slug] = {"slug": slug, "device": device, "minutes": f"{minutes:.1f}",
+                      "date": datetime.date.today().isoformat()}
+        log(f"{path}: full scale on {device} in {minutes:.1f} min")
+        with open(runs_path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["slug", "device", "minutes", "date"])
+            w.writeheader()
+            w.writerows(sorted(runs.values(), key=lambda r: r["slug"]))
+    return 0
+
+
+COMMANDS = {"book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
+            "pages": cmd_pages, "full": cmd_full}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        return 2
+    ensure_env()
+    return COMMANDS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
