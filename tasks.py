@@ -57,7 +57,11 @@ def has_gpu() -> bool:
 
 
 def ensure_env() -> None:
-    """Create .venv and install torch, requirements.txt and companion; re-run inside it."""
+    """Create .venv and install torch, requirements.txt and companion; re-run inside it.
+    With COMPANION_USE_CURRENT_PYTHON=1 the current interpreter is used as it is (a machine that
+    already has what a command needs, and no network)."""
+    if os.environ.get("COMPANION_USE_CURRENT_PYTHON") == "1":
+        return
     if not in_venv():
         if not venv_python().exists():
             log(f"creating the virtual environment {VENV}")
@@ -131,7 +135,8 @@ def cmd_test(args) -> int:
     ensure_browser()
     t0 = time.time()
     workers = os.environ.get("COMPANION_TEST_WORKERS", "2")
-    cmd = [sys.executable, "-m", "pytest", "tests", "notebooks", "--nbval",
+    paths = [p for p in ("tests", "notebooks") if (ROOT / p).is_dir()]
+    cmd = [sys.executable, "-m", "pytest", *paths, "--nbval",
            "--nbval-current-env", "--nbval-sanitize-with", ROOT / "tests" / "sanitize.cfg",
            "--nbval-cell-timeout", "600", "-n", workers, "--dist", "loadscope", "-q", *args]
     code = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=test_env()).returncode
@@ -326,46 +331,91 @@ def cmd_pages(args) -> int:
     return 0
 
 
+def _notebook_cells(path: Path) -> list[dict]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def run_notebook_as_script(path: Path, log_file: Path) -> tuple[bytes | None, float]:
+    """Run a notebook's code cells in order in one namespace, without Jupyter (for a GPU machine
+    that has torch but no Jupyter stack). IPython magics (%pip, !cmd) are skipped: companion is
+    importable there. Figures shown with plt.show() are kept; returns the headline figure (the
+    cell tagged ``headline``, else the last one shown) and the run time in seconds."""
+    import contextlib
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown: list[tuple[bool, bytes]] = []
+    current = {"headline": False}
+
+    def show(*_, **__):
+        buf = io.BytesIO()
+        plt.gcf().savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        shown.append((current["headline"], buf.getvalue()))
+        plt.close("all")
+
+    plt.show = show
+    namespace = {"__name__": "__main__"}
+    t0 = time.time()
+    with open(log_file, "w", encoding="utf-8") as log_out, contextlib.redirect_stdout(log_out), \
+            contextlib.redirect_stderr(log_out):
+        for cell in _notebook_cells(path):
+            if cell["cell_type"] != "code":
+                continue
+            src = "".join(cell["source"])
+            lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+            current["headline"] = "headline" in cell.get("metadata", {}).get("tags", [])
+            exec(compile("\n".join(lines) + "\n", f"{path.name}", "exec"), namespace)
+            print(flush=True)
+    seconds = time.time() - t0
+    tagged = [png for is_headline, png in shown if is_headline]
+    figure = tagged[-1] if tagged else (shown[-1][1] if shown else None)
+    return figure, seconds
+
+
 def cmd_full(args) -> int:
-    """Run notebooks at full scale (on a GPU) into _build/full/, keep their headline figures in
-    book/figures/<slug>-full.png and record the device and time in book/figures/full-runs.csv.
-    The stored (ci-scale) outputs of the notebooks themselves are not touched."""
+    """Run notebooks at full scale (on a GPU), keep their headline figures in
+    book/figures/<slug>-full.png and their printed output in book/figures/<slug>-full.log, and
+    record the device and time in book/figures/full-runs.csv. The notebooks' stored (ci-scale)
+    outputs are not touched."""
     import csv
     import datetime
 
-    import nbformat
     import torch
-    from nbclient import NotebookClient
 
     os.environ["COMPANION_SCALE"] = "full"
-    out_dir = ROOT / "_build" / "full"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MPLBACKEND", "Agg")
     FIGURES.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     runs_path = FIGURES / "full-runs.csv"
-    runs = {}
-    if runs_path.exists():
-        with open(runs_path, encoding="utf-8") as f:
-            runs = {r["slug"]: r for r in csv.DictReader(f)}
-    for path in args:
-        slug = Path(path).stem
-        nb = nbformat.read(path, as_version=4)
-        t0 = time.time()
-        NotebookClient(nb, timeout=1800, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-        minutes = (time.time() - t0) / 60
-        nbformat.write(nb, out_dir / f"{slug}.ipynb")
-        png = last_figure(out_dir / f"{slug}.ipynb")
+    code = 0
+    for path in map(Path, args):
+        slug = path.stem
+        try:
+            png, seconds = run_notebook_as_script(path, FIGURES / f"{slug}-full.log")
+        except Exception as e:  # keep going: one failing notebook must not hide the others
+            log(f"{path}: FAILED at full scale: {type(e).__name__}: {e}")
+            code = 1
+            continue
         if png:
             (FIGURES / f"{slug}-full.png").write_bytes(png)
-        runs[slug] = {"slug": slug, "device": device, "minutes": f"{minutes:.1f}",
+        runs = {}
+        if runs_path.exists():
+            with open(runs_path, encoding="utf-8") as f:
+                runs = {r["slug"]: r for r in csv.DictReader(f)}
+        runs[slug] = {"slug": slug, "device": device, "minutes": f"{seconds / 60:.1f}",
                       "date": datetime.date.today().isoformat()}
-        log(f"{path}: full scale on {device} in {minutes:.1f} min")
         with open(runs_path, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=["slug", "device", "minutes", "date"])
             w.writeheader()
             w.writerows(sorted(runs.values(), key=lambda r: r["slug"]))
-    return 0
+        log(f"{path}: full scale on {device} in {seconds / 60:.1f} min")
+    return code
 
 
 COMMANDS = {"book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
