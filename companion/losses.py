@@ -31,9 +31,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _logaddexp_masked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``logaddexp(a, b)`` whose gradient is 0, not NaN, where both arguments are -inf."""
+    """``logaddexp(a, b)`` whose gradient is 0, not NaN, where both arguments are -inf.
+
+    Written with ``logsumexp`` rather than ``torch.logaddexp``: the latter's second derivative
+    overflows to NaN once the arguments differ by more than ~88 (float32), which would break
+    ``grad_topk``, the gradient of ``log_elementary_symmetric``, under backpropagation."""
     both = (a == float("-inf")) & (b == float("-inf"))
-    out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
+    out = torch.logsumexp(torch.stack((torch.where(both, 0.0, a), torch.where(both, 0.0, b))), dim=0)
     return out.masked_fill(both, float("-inf"))
 
 
@@ -520,8 +524,9 @@ def flatnce_loss(scores: torch.Tensor, positive: torch.Tensor | None = None,
 
     whose gradient equals that of ``xi / sg(xi)`` (the paper's stop-gradient form) and is the
     InfoNCE gradient times (1 + xi) / xi for each row: -1 on the positive, the softmax over the
-    negatives on the negatives. The value can be negative. Arguments and shapes as
-    ``infonce_loss`` (``positive=None``: column 0 is the positive).
+    negatives on the negatives, computed in closed form (no cancellation in any dtype; first
+    derivatives only). The value can be negative. Arguments and shapes as ``infonce_loss``
+    (``positive=None``: column 0 is the positive).
     """
     positive = _contrastive_args(scores, positive)
     check_choice("reduction", reduction, ("none", "mean", "sum"))
@@ -623,7 +628,7 @@ def multitask_loss(losses, mode: str = "realtime", ref=None, gamma: float = 0.0,
     - ``"realtime"``: sum_i L_i / sg(L_i) (denominator clamped to >= ``eps``). Its value is n; its
       gradient is sum_i grad L_i / L_i = grad sum_i log L_i, the gradient of n log(geometric mean).
     - ``"generalized_mean"``: the power mean ((1/n) sum_i L_i^gamma)^(1/gamma), computed in log space
-      (stable for |gamma| in the hundreds); gamma = 0 is the geometric mean exp(mean log L_i),
+      (stable for any gamma; float16/bfloat16 losses are combined in float32); gamma = 0 is the geometric mean exp(mean log L_i),
       gamma = 1 the arithmetic mean, gamma -> +inf / -inf the max / min. Effective weight of task i:
       (1/n) (L_i / mean)^(gamma - 1). Losses are clamped to >= ``eps`` before the log.
 
@@ -657,10 +662,20 @@ def multitask_loss(losses, mode: str = "realtime", ref=None, gamma: float = 0.0,
                          f"got {L.detach().tolist()} (shift them, which breaks shift invariance)")
     if mode == "realtime":
         return (L / L.detach().clamp_min(eps)).sum()                     # sum_i L_i / sg(L_i)
+    out_dtype = L.dtype
+    if L.dtype in (torch.float16, torch.bfloat16):  # n numbers: compute in float32 at no cost
+        L = L.float()
     log_L = L.clamp_min(eps).log()
+    m = log_L.mean()                                                     # log of the geometric mean
     if gamma == 0.0:
-        return log_L.mean().exp()                                        # geometric mean
-    return ((torch.logsumexp(gamma * log_L, dim=0) - math.log(n)) / gamma).exp()  # power mean
+        return m.exp().to(out_dtype)
+    # log M = m + (1/gamma) log mean_i e^{gamma d_i}, d_i = log L_i - m (so sum_i d_i = 0)
+    gd = gamma * (log_L - m)
+    if bool(gd.abs().max() < 1):   # small |gamma|: log1p/expm1 avoid the cancellation of lse - log n
+        log_mean = torch.log1p(torch.expm1(gd).mean())
+    else:
+        log_mean = torch.logsumexp(gd, dim=0) - math.log(n)
+    return (m + log_mean / gamma).exp().to(out_dtype)                    # power mean
 
 
 def prior_loss_classification(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -757,7 +772,9 @@ def grad_topk(x: torch.Tensor, k: int, tau: float = 1.0) -> torch.Tensor:
     mask. log Z_k is the stable log-space DP ``log_elementary_symmetric``; its gradient comes from
     autograd (double backward when x requires grad), not from the cancellation-prone recursion
     Z_{k,i} = e^{z_i}(Z_{k-1} - Z_{k-1,i}). x: float [..., n]; 1 <= k <= n; tau > 0. Returns [..., n]
-    in x's dtype (fp16/bf16 computed in float32). Cost O(n k) with n sequential steps.
+    in x's dtype (fp16/bf16 computed in float32). Cost O(n k) with n sequential steps. The backward
+    of this function is a second derivative of the DP: it stays finite as long as torch.logaddexp's
+    double backward does (differences of its arguments below ~88 in float32, ~709 in float64).
     """
     z = _topk_args(x, k, tau)
     keep_graph = torch.is_grad_enabled() and z.requires_grad
@@ -801,7 +818,7 @@ def _threshold_closed_form(z: torch.Tensor, k: int, f: str) -> torch.Tensor:
 
     With z sorted decreasingly and m entries above lambda (z_(m) >= lambda >= z_(m+1)):
       exp:    lambda_m = log B_m - log(k - m)                                         (m < k)
-      smooth: lambda_m = log B_m - log(sqrt(a^2 + A_m B_m) + a),  a = k - m,  any m < n
+      smooth: lambda_m = log B_m - log(sqrt(a^2 + A_m B_m) + a),  a = k - m,  m = 0..n
     with A_m = sum_{i <= m} e^{-z_(i)}, B_m = sum_{i > m} e^{z_(i)} taken in log space. Every candidate m
     is built at once; the consistent one is kept (the least violation, deterministic on ties), then
     lambda is recomputed from that m's A, B so that autograd sees one smooth branch."""
@@ -838,7 +855,8 @@ def thre_topk(x: torch.Tensor, k: int, tau: float = 1.0, f: str = "smooth", iter
     """ThreTopK: ST_k(x) = f(z - lambda(z)), z = x / tau, with the threshold lambda solving sum_i f(z_i - lambda) = k.
 
     f = "exp":     min(1, e^u); closed-form lambda (k = 1 gives softmax; not differentiable where z_i = lambda)
-    f = "smooth":  1 - e^{-u}/2 (u >= 0), e^u/2 (u < 0), C^1 at 0; closed-form lambda (k = 1 gives softmax)
+    f = "smooth":  1 - e^{-u}/2 (u >= 0), e^u/2 (u < 0), C^1 at 0; closed-form lambda (k = 1 gives
+                   softmax only while max softmax(z) <= 1/2)
     f = "sigmoid": sigma(u); lambda by ``iters`` bisection steps, implicit-function gradient
     Entries in [0, 1], sum k, monotone in x, shift invariant, hard top-k mask as tau -> 0. x: float [..., n];
     tau > 0; 1 <= k <= n for "exp", 1 <= k <= n - 1 otherwise (no finite lambda gives sum n). Returns
@@ -863,9 +881,10 @@ def iterative_soft_topk(x: torch.Tensor, k: int, tau: float = 1.0, variant: str 
     variant="blog":     z <- z - min z once;  p <- p + softmax((1 - p) * z)
     variant="weighted": p <- p + w e^z / sum(w e^z) with w = 1 - p (a weighted softmax)
 
-    "blog" tends to the hard mask in tests but is not proven to stay in [0, 1]; "weighted" does not tend
-    to the hard mask (k = 2 gives 1.5 on the maximum and 0.5 on the runner-up) and its weights turn
-    negative for k >= 3 as tau -> 0. Sums to k. x: float [..., n]; 1 <= k <= n; tau > 0.
+    Both sum to k. "blog" tends to the hard mask, but at moderate tau it can leave [0, 1] and break the
+    order of x (x = (1.9, 1.7, 1.6, 1.5, 0), k = 3, tau = 0.1 gives 1.05 to the fourth entry). "weighted"
+    does not tend to the hard mask (k = 2 gives 1.5 on the maximum and 0.5 on the runner-up) and for
+    k >= 3 its weights 1 - p turn negative. x: float [..., n]; 1 <= k <= n; tau > 0.
     """
     check_choice("variant", variant, ("blog", "weighted"))
     z = _topk_args(x, k, tau)
