@@ -126,7 +126,6 @@ def test_env() -> dict:
     env = dict(os.environ)
     env.setdefault("COMPANION_SCALE", "ci")
     env.setdefault("COMPANION_NUM_THREADS", "1")
-    env.setdefault("MPLBACKEND", "Agg")
     env["COMPANION_MATHJAX"] = str(MATHJAX_DIR / "node_modules" / "mathjax" / "es5")
     return env
 
@@ -153,7 +152,7 @@ def cmd_execute(args) -> int:
         log("usage: python3 tasks.py execute notebooks/<slug>.ipynb [...]")
         return 2
     env = test_env()
-    os.environ.update({k: env[k] for k in ("COMPANION_SCALE", "COMPANION_NUM_THREADS", "MPLBACKEND")})
+    os.environ.update({k: env[k] for k in ("COMPANION_SCALE", "COMPANION_NUM_THREADS")})
     for path in args:
         nb = nbformat.read(path, as_version=4)
         t0 = time.time()
@@ -289,6 +288,24 @@ def render_reproductions() -> str:
             full_cell = "not run yet"
         out.append(f"| [{a['title_en']}](../notebooks/{slug}.ipynb) | {c['claim']} | "
                    f"{c['paper_figure']} | {ci_cell} | {full_cell} |")
+    out += ["", "## The figures at full size", ""]
+    for a in articles():
+        slug = a["slug"]
+        if not has_notebook(slug):
+            continue
+        c = claims.get(slug, {"claim": "", "paper_figure": ""})
+        out += [f"### {a['title_en']}", "", f"**Claim.** {c['claim']}", "",
+                f"**The paper or article.** {c['paper_figure']}", ""]
+        for tag, label in (("ci", "ci scale, CPU (the run stored in the notebook)"), ("full", "full scale")):
+            path = FIGURES / f"{slug}-{tag}.png"
+            if path.exists() and (tag == "ci" or slug in runs):
+                if tag == "full":
+                    r = runs[slug]
+                    label = f"full scale, {r['device']}, {r['minutes']} min ({r['date']})"
+                out += [f"*Ours at {label}:*", "",
+                        f"![{slug} at {tag} scale]({path.relative_to(ROOT / 'book').as_posix()})", ""]
+        if slug not in runs:
+            out += ["*Full scale: not run yet.*", ""]
     return "\n".join(out) + "\n"
 
 
