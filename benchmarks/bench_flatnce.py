@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from companion.losses import flatnce_loss, infonce_loss, nt_xent_scores
+from _common import device_name  # noqa: E402
 
 BASELINE = "F.cross_entropy (baseline)"
 LOSSES = {
@@ -31,19 +32,6 @@ LOSSES = {
     "infonce_loss": lambda s, p: infonce_loss(s, p),
     "flatnce_loss": lambda s, p: flatnce_loss(s, p),
 }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_inputs(batch: int, dim: int, tau: float, device: torch.device, dtype: torch.dtype):

@@ -21,21 +21,9 @@ import time
 import torch
 
 from companion.quantize import FSQ, FSQ_RECOMMENDED_LEVELS
+from _common import device_name  # noqa: E402
 
 EPS = 1e-3
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return (platform.processor() or platform.machine()) + f" ({torch.get_num_threads()} threads)"
 
 
 def bin_centre_inputs(levels, n, device, generator, jitter=0.3):

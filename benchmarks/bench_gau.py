@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from companion.attention import GatedAttentionUnit, gau_param_count
+from _common import device_name  # noqa: E402
 
 
 def rms_norm(x, eps=1e-6):
@@ -53,19 +54,6 @@ class GAUPair(nn.Module):
         for layer in self.layers:
             x = rms_norm(x + layer(x))
         return x
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def measure(module, x, device, min_run_time):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from companion.losses import multilabel_categorical_crossentropy
+from _common import device_name  # noqa: E402
 
 
 def loss_exp_sums(logits, targets):
@@ -51,19 +52,6 @@ def loss_bce(logits, targets):
 
 METHODS = {"ours (-inf mask)": loss_ours, "exp sums": loss_exp_sums, "1e12 mask": loss_mask_1e12,
            "BCE (reference point)": loss_bce}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def saved_bytes(fn, logits, targets) -> int:

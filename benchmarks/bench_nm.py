@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from companion.losses import multilabel_categorical_crossentropy, nm_centered_crossentropy, nm_crossentropy
+from _common import device_name  # noqa: E402
 
 BASELINE = "F.cross_entropy (baseline)"
 
@@ -64,19 +65,6 @@ def step(fn, logits, target):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_case(losses, inputs, device, warmup, repeats) -> dict[str, float]:

@@ -1,9 +1,9 @@
 """Tests of VQ attention in companion.attention (notebook: transformer-vq)."""
 import pytest
 import torch
+from _helpers import LargestTensor
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.attention import VQAttention, vq_attention, vq_attention_naive
 
@@ -107,28 +107,15 @@ def test_float32_matches_float64():
                                rtol=0, atol=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_no_quadratic_intermediate(causal):
     q, codes, v, codebook = _data(shape=(1,), n=1024, dk=4, dv=4, c=8, dtype=torch.float32)
-    with _LargestTensor() as rec:
+    with LargestTensor() as rec:
         vq_attention(q, codes, v, codebook, causal=causal, block_size=16)
     assert rec.largest <= 1024 * (2 * 16 + 8)      # n (2l + c) scores: linear in n
-    with _LargestTensor() as rec:
+    with LargestTensor() as rec:
         vq_attention_naive(q, codes, v, codebook, causal=causal)
     assert rec.largest >= 1024 ** 2                # the reference is quadratic
 

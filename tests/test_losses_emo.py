@@ -3,8 +3,8 @@ import numpy as np
 import ot
 import pytest
 import torch
+from _helpers import LargestTensor
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.losses import emo_loss, emo_mle_loss, transport_cost_upper_bound
 
@@ -108,19 +108,6 @@ def test_emo_extreme_logits_and_half_precision():
         assert abs(low.float().item() - ref.item()) < tol * max(1.0, ref.item())
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
 
 
 @pytest.mark.parametrize("fn", [emo_loss, lambda *a: emo_mle_loss(*a)[0]])
@@ -132,7 +119,7 @@ def test_emo_memory_never_v_squared(fn):
     logits = torch.randn(n, v, generator=g).requires_grad_(True)
     target = torch.randint(0, v, (n,), generator=g)
     emb = torch.randn(v, d, generator=g)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         fn(logits, target, emb).backward()
     assert mode.largest <= max(n * v, v * d)
     assert torch.isfinite(logits.grad).all()
