@@ -101,7 +101,10 @@ def apply_rope_nd(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor 
         raise ValueError(f"positions: expected shape [{x.shape[-2]}, k] (one row per token), "
                          f"got {tuple(positions.shape)}")
     k = positions.shape[1]
-    if k < 1 or d % (2 * k):
+    if k < 1:
+        raise ValueError("positions: expected at least one position axis, got shape "
+                         f"{tuple(positions.shape)}")
+    if d % (2 * k):
         raise ValueError(f"x: the last dimension {d} must be divisible by 2k = {2 * k} "
                          f"for {k} position axes")
     freqs = _check_freqs(freqs, d, x)
@@ -121,6 +124,9 @@ def rope_tie_positions(segments: Sequence[tuple], fractional: bool = False) -> t
     s = w + 1 and t = h + 1: the step from the last text token into the image and from the last
     patch to the next text token (at L + (w+1)(h+1)) is the same (s, t). With ``fractional=True``,
     s = (wh + 1)/(h + 1) and t = (wh + 1)/(w + 1), so an image takes exactly wh positions.
+    A sequence that starts with an image places it after a virtual token at (-1, -1); an image
+    right after another is placed after (K - 1, K - 1), where K is the first free text position,
+    so the symmetry needs a text token on each side (wrap images in [IMG] ... [/IMG] tokens).
     Integer positions are int64, fractional ones float64.
     """
     if isinstance(segments, (str, bytes)) or not hasattr(segments, "__iter__"):
@@ -143,7 +149,7 @@ def rope_tie_positions(segments: Sequence[tuple], fractional: bool = False) -> t
             else:
                 s, t = w + 1, h + 1
             rows += [(last + s * x, last + t * y) for x in range(1, h + 1) for y in range(1, w + 1)]
-            last += (h + 1) * s
+            last += (h + 1) * s - 1  # the next text token sits at last + (h + 1) s = K
         else:
             raise ValueError(f"segments: expected ('text', n) or ('image', w, h), got {seg!r}")
     if not rows:
