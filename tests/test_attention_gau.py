@@ -9,15 +9,6 @@ from companion.attention import (GatedAttentionUnit, gau_attention_normalize, ga
                                  scale_offset)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscription when tests run in parallel."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 METHODS = ("softmax", "softmax_plus", "squared_relu")
 
 

@@ -9,16 +9,6 @@ import torch.nn.functional as F
 from companion.attention import MultiHeadAttention, fit_attention_matrix, multihead_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscription when tests run in parallel."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def weights(d, h, dk, dv, dtype=torch.float64, seed=0, d_out=None):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype) / math.sqrt(s[0])
