@@ -14,7 +14,6 @@ the same device, in the same dtype (float32 by default).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time

@@ -14,7 +14,6 @@ number of elements any op of the forward and backward pass produced.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import threading
 import time

@@ -13,7 +13,6 @@ peak memory, and the device name.
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torch.nn as nn

@@ -18,7 +18,6 @@ backward pass, and (on CUDA) the peak memory allocated during the step, each wit
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import check_choice, check_floating, check_int, check_range, check_same_shape, reduce
+from ._validate import check_choice, check_floating, check_int, check_range, check_same_shape
 
 __all__: list[str] = []
 

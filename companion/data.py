@@ -15,12 +15,10 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import io
 import math
 import os
 import pickle
 import struct
-import sys
 import tarfile
 import tempfile
 import urllib.error

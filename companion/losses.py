@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_choice, check_floating, check_int, check_range, check_same_shape, reduce

@@ -16,7 +16,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._validate import check_choice, check_floating, check_int, check_range
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import check_choice, check_floating, check_int, check_range, check_same_shape, reduce
+from ._validate import check_choice, check_floating, check_int, check_range
 
 __all__: list[str] = []
 

@@ -4,15 +4,12 @@ Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ._validate import (check_choice, check_floating, check_int, check_range, check_same_shape,
-                        reduce)
+from ._validate import (check_choice, check_floating, check_int, check_range, check_same_shape)
 
 __all__: list[str] = []
 
