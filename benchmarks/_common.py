@@ -1,7 +1,13 @@
-"""What every benchmark script shares: the name of the device it measured on."""
+"""What the benchmark scripts share: the device name, round-robin timing and peak memory."""
 from __future__ import annotations
 
+import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -19,3 +25,71 @@ def device_name(device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def sync(device) -> None:
+    """Wait for the GPU, so that wall-clock times cover the work (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin_median(runs: dict, device, warmup: int, repeats: int) -> dict:
+    """Median wall-clock seconds of each zero-argument callable in ``runs``. The callables take
+    turns, so that a slow spell of a shared machine does not fall on one of them only."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    sync(device)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cuda_peak_bytes(run, device) -> int:
+    """How far CUDA memory rose above what was allocated before one call of ``run`` (after a warm-up)."""
+    run()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_peak_bytes(run) -> int:
+    """Linux only, meant for a fresh process: after a warm-up call, reset the peak resident set
+    to the current one, call ``run`` once and return how far the peak rose."""
+    run()
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current VmRSS
+        f.write("5")
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def report_worker_result(peak_bytes: int) -> None:
+    print(json.dumps({"peak_bytes": peak_bytes}))
+
+
+def run_worker(cmd: list) -> int | None:
+    """Run a benchmark script as a fresh worker process and read the peak it reports (Linux only).
+    Large blocks come straight from mmap there, so freed memory leaves the resident set at once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]

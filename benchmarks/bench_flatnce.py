@@ -12,18 +12,14 @@ set of a fresh subprocess per loss), and prints a markdown table with ratios to 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from companion.losses import flatnce_loss, infonce_loss, nt_xent_scores
-from _common import device_name  # noqa: E402
+from _common import (cuda_peak_bytes, device_name, report_worker_result, round_robin_median,  # noqa: E402
+                     rss_peak_bytes, run_worker)
 
 BASELINE = "F.cross_entropy (baseline)"
 LOSSES = {
@@ -47,69 +43,17 @@ def step(fn, scores, positive):
     s.grad = None
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_losses(scores, positive, device, warmup, repeats) -> dict[str, float]:
-    """Median forward + backward time of each loss; the losses take turns, so that a slow
-    period of a shared machine does not fall on one of them only."""
-    for fn in LOSSES.values():
-        for _ in range(warmup):
-            step(fn, scores, positive)
-    sync(device)
-    times = {name: [] for name in LOSSES}
-    for _ in range(repeats):
-        for name, fn in LOSSES.items():
-            t0 = time.perf_counter()
-            step(fn, scores, positive)
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_cuda(fn, scores, positive, device) -> int:
-    step(fn, scores, positive)  # warm-up (kernels, workspaces)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step(fn, scores, positive)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_cpu_worker(args) -> None:
-    """Run in a fresh process (Linux): reset the peak resident set after the inputs are made,
-    run one forward + backward, print how far the peak rose above the resident set before it."""
-    dtype = getattr(torch, args.dtype)
+    """In a fresh process (Linux): the peak resident-set rise of one forward + backward."""
     fn = LOSSES[args.worker]
-    scores, positive = make_inputs(args.batch, args.dim, args.tau, torch.device("cpu"), dtype)
-    step(fn, scores, positive)                      # warm-up
-    with open("/proc/self/clear_refs", "w") as f:   # "5" resets VmHWM to the current VmRSS
-        f.write("5")
-    before = _status_kib("VmRSS")
-    step(fn, scores, positive)
-    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
+    scores, positive = make_inputs(args.batch, args.dim, args.tau, torch.device("cpu"), getattr(torch, args.dtype))
+    report_worker_result(rss_peak_bytes(lambda: step(fn, scores, positive)))
 
 
 def peak_cpu(name, args) -> int | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--dim", str(args.dim),
-           "--tau", str(args.tau), "--dtype", args.dtype, "--threads", str(args.threads)]
-    # large blocks straight from mmap, so that freed memory leaves the resident set at once
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+    return run_worker([sys.executable, __file__, "--worker", name, "--batch", str(args.batch),
+                       "--dim", str(args.dim), "--tau", str(args.tau), "--dtype", args.dtype,
+                       "--threads", str(args.threads)])
 
 
 def main() -> None:
@@ -146,8 +90,9 @@ def main() -> None:
               f"pass --batch 4096 for the full size)")
     print(f"forward + backward, median of {repeats} after warm-up; peak = memory above the inputs\n")
 
-    times = time_losses(scores, positive, device, warmup=2, repeats=repeats)
-    peaks = {name: peak_cuda(fn, scores, positive, device) if device.type == "cuda" else peak_cpu(name, args)
+    times = round_robin_median({name: (lambda fn=fn: step(fn, scores, positive)) for name, fn in LOSSES.items()},
+                               device, warmup=2, repeats=repeats)
+    peaks = {name: cuda_peak_bytes(lambda: step(fn, scores, positive), device) if device.type == "cuda" else peak_cpu(name, args)
              for name, fn in LOSSES.items()}
     t0, m0 = times[BASELINE], peaks[BASELINE]
     print("| loss | time | vs baseline | peak memory | vs baseline |")

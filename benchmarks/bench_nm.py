@@ -15,18 +15,14 @@ a fresh subprocess per loss, after a warm-up step), and prints markdown tables w
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from companion.losses import multilabel_categorical_crossentropy, nm_centered_crossentropy, nm_crossentropy
-from _common import device_name  # noqa: E402
+from _common import (cuda_peak_bytes, device_name, report_worker_result, round_robin_median,  # noqa: E402
+                     rss_peak_bytes, run_worker)
 
 BASELINE = "F.cross_entropy (baseline)"
 
@@ -61,65 +57,18 @@ def step(fn, logits, target):
     z.grad = None
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_case(losses, inputs, device, warmup, repeats) -> dict[str, float]:
-    for name, fn in losses.items():
-        for _ in range(warmup):
-            step(fn, *inputs[name])
-    sync(device)
-    times = {name: [] for name in losses}
-    for _ in range(repeats):  # round-robin, so that a slow spell of a shared machine hits all losses
-        for name, fn in losses.items():
-            t0 = time.perf_counter()
-            step(fn, *inputs[name])
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def peak_cuda(fn, logits, target, device) -> int:
-    step(fn, logits, target)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step(fn, logits, target)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def cpu_worker(args) -> None:
-    """In a fresh process: inputs, one warm-up step, reset the peak resident set, one step, report."""
+    """In a fresh process (Linux): the peak resident-set rise of one forward + backward."""
     case, name = args.worker.split("|")
     fn = cases(args.m)[case][name]
     logits, target = make_inputs(case, name, args, torch.device("cpu"), getattr(torch, args.dtype))
-    step(fn, logits, target)
-    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS
-        f.write("5")
-    before = _kib("VmRSS")
-    step(fn, logits, target)
-    print(json.dumps({"peak_bytes": (_kib("VmHWM") - before) * 1024}))
+    report_worker_result(rss_peak_bytes(lambda: step(fn, logits, target)))
 
 
 def peak_cpu(case, name, args) -> int | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    cmd = [sys.executable, __file__, "--worker", f"{case}|{name}", "--batch", str(args.batch), "--n", str(args.n),
-           "--m", str(args.m), "--dtype", args.dtype, "--threads", str(args.threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed blocks leave the resident set at once
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+    return run_worker([sys.executable, __file__, "--worker", f"{case}|{name}", "--batch", str(args.batch),
+                       "--n", str(args.n), "--m", str(args.m), "--dtype", args.dtype,
+                       "--threads", str(args.threads)])
 
 
 def main() -> None:
@@ -146,8 +95,9 @@ def main() -> None:
           f"after warm-up; peak = memory above the inputs")
     for case, losses in cases(args.m).items():
         inputs = {name: make_inputs(case, name, args, device, dtype) for name in losses}
-        times = time_case(losses, inputs, device, warmup=2, repeats=repeats)
-        peaks = {name: peak_cuda(fn, *inputs[name], device) if device.type == "cuda" else peak_cpu(case, name, args)
+        times = round_robin_median({name: (lambda fn=fn, name=name: step(fn, *inputs[name]))
+                                    for name, fn in losses.items()}, device, warmup=2, repeats=repeats)
+        peaks = {name: cuda_peak_bytes(lambda: step(fn, *inputs[name]), device) if device.type == "cuda" else peak_cpu(case, name, args)
                  for name, fn in losses.items()}
         t0, m0 = times[BASELINE], peaks[BASELINE]
         print(f"\n{case}, logits {tuple(inputs[BASELINE][0].shape)}\n")

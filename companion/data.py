@@ -244,17 +244,23 @@ def gaussian_ring(n: int, num_modes: int = 8, radius: float = 2.0, std: float = 
     return x, centers
 
 
+def _common_length(who: str, tensors) -> int:
+    """The first dimension shared by all ``tensors`` (ValueError naming the odd one out)."""
+    if not tensors:
+        raise ValueError(f"{who}: expected at least one tensor")
+    n = tensors[0].shape[0]
+    for i, t in enumerate(tensors):
+        if t.shape[0] != n:
+            raise ValueError(f"tensors[{i}]: expected first dimension {n}, got {t.shape[0]}")
+    return n
+
+
 def split(*tensors: torch.Tensor, test_fraction: float = 0.2, seed: int = 0):
     """Shuffle and split tensors that share their first dimension.
 
     Returns ``(train_0, test_0, train_1, test_1, ...)`` like scikit-learn's ``train_test_split``.
     """
-    if not tensors:
-        raise ValueError("split: expected at least one tensor")
-    n = tensors[0].shape[0]
-    for i, t in enumerate(tensors):
-        if t.shape[0] != n:
-            raise ValueError(f"tensors[{i}]: expected first dimension {n}, got {t.shape[0]}")
+    n = _common_length("split", tensors)
     check_range("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(round(n * test_fraction)))
@@ -269,12 +275,7 @@ def minibatches(*tensors: torch.Tensor, batch_size: int,
                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """An endless stream of minibatches: one fresh permutation per epoch, the last partial batch
     of each epoch dropped (so every batch has ``batch_size`` rows)."""
-    if not tensors:
-        raise ValueError("minibatches: expected at least one tensor")
-    n = tensors[0].shape[0]
-    for i, t in enumerate(tensors):
-        if t.shape[0] != n:
-            raise ValueError(f"tensors[{i}]: expected first dimension {n}, got {t.shape[0]}")
+    n = _common_length("minibatches", tensors)
     check_int("batch_size", batch_size, 1, n)
     while True:
         perm = torch.randperm(n, generator=generator)
