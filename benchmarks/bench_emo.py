@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.losses import emo_loss, emo_mle_loss
-from _common import device_name  # noqa: E402
+from _common import cuda_peak_bytes, device_name  # noqa: E402
 
 
 class LargestTensor(TorchDispatchMode):
@@ -94,15 +94,6 @@ def rss_peak_delta(fn):
         stop.set()
         th.join()
     return max(peak[0], proc.memory_info().rss) - base
-
-
-def cuda_peak_bytes(fn, dev):
-    torch.cuda.synchronize(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    fn()
-    torch.cuda.synchronize(dev)
-    return torch.cuda.max_memory_allocated(dev) - base
 
 
 def main():
