@@ -17,6 +17,8 @@ Helpers:
     python3 tasks.py full notebooks/<slug>.ipynb [...]      run notebooks at full scale (GPU) and keep
                                                              their figures for the reproductions page
     python3 tasks.py bench [name]                            run the benchmarks in benchmarks/
+    python3 tasks.py lock                                    re-resolve requirements.lock from
+                                                             requirements.txt (a universal lock)
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ VENV = ROOT / ".venv"
 CACHE = ROOT / ".cache"
 MATHJAX_DIR = CACHE / "mathjax"
 CPU_TORCH = "torch==2.13.0"
+LOCK = ROOT / "requirements.lock"
+# Packages that belong to a torch build (its CUDA runtime): never pinned by the lock, so that a
+# machine's own torch (Colab, a GPU machine) keeps the ones it came with.
+TORCH_OWNED = ("torch", "triton", "nvidia-", "cuda-")
+# The numerical path the notebook tests run on. Outputs are stored (`tasks.py execute`) with the
+# CPU's fastest ATen kernels (AVX-512 or AVX2); the tests re-run them with the portable kernels,
+# so every test run compares two different code paths, as a reader's machine would.
+TEST_PATH_ENV = {"ATEN_CPU_CAPABILITY": "default"}
 
 
 def log(msg: str) -> None:
@@ -70,6 +80,7 @@ def ensure_env() -> None:
     stamp = VENV / ".companion-installed"
     digest = hashlib.sha256(
         (ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+        + (LOCK.read_bytes() if LOCK.exists() else b"")
     ).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
@@ -80,26 +91,43 @@ def ensure_env() -> None:
         log(f"torch {torch.__version__} is already installed; keeping it")
     except ImportError:
         run(pip + (["torch"] if has_gpu() else [CPU_TORCH]))
-    run(pip + ["-r", ROOT / "requirements.txt"])
+    # exact versions from the lock (a constraints file: it pins, requirements.txt chooses)
+    run(pip + ["-r", ROOT / "requirements.txt"] + (["-c", LOCK] if LOCK.exists() else []))
     run(pip + ["--no-deps", "-e", ROOT])
     stamp.write_text(digest)
 
 
+def _cjk_font_installed() -> bool:
+    if not shutil.which("fc-list"):
+        return False
+    out = subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
 def ensure_browser() -> None:
-    """Debian's Chromium + chromedriver and MathJax 3 (npm) for the page checks."""
+    """Debian's Chromium + chromedriver, a CJK font (the pages show Chinese titles) and MathJax 3
+    (npm) for the page checks."""
+    apt_ok = shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0
+    missing = []
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        missing += ["chromium", "chromium-driver"]
+    if not _cjk_font_installed():
+        missing += ["fonts-noto-cjk", "fontconfig"]
+    if missing:
+        if apt_ok:
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
             run(["apt-get", "update", "-qq"], env=env)
-            run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], env=env)
+            run(["apt-get", "install", "-y", "-qq", *missing], env=env)
         else:
-            log("chromium is missing and cannot be installed here (needs apt-get as root): "
-                "the page checks will fail")
+            log(f"{' '.join(missing)} missing and cannot be installed here (needs apt-get as "
+                "root): the page checks will fail")
     if not (MATHJAX_DIR / "node_modules" / "mathjax" / "es5" / "tex-chtml.js").exists():
-        if not shutil.which("npm") and shutil.which("apt-get") and os.geteuid() == 0:
-            run(["apt-get", "install", "-y", "-qq", "npm"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if not shutil.which("npm") and apt_ok:
+            run(["apt-get", "install", "-y", "-qq", "npm"],
+                env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         MATHJAX_DIR.mkdir(parents=True, exist_ok=True)
-        run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", MATHJAX_DIR, "mathjax@3"])
+        run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", MATHJAX_DIR,
+             "mathjax@3"])
 
 
 def build_book(out: Path | None = None, warnings_as_errors: bool = True) -> Path:
@@ -135,10 +163,14 @@ def cmd_test(args) -> int:
     t0 = time.time()
     workers = os.environ.get("COMPANION_TEST_WORKERS", "2")
     paths = [p for p in ("tests", "notebooks") if (ROOT / p).is_dir()]
-    cmd = [sys.executable, "-m", "pytest", *paths, "--nbval",
+    cmd = [sys.executable, "-m", "pytest", *paths, "--nbval", "-p", "tests.nbval_numeric",
            "--nbval-current-env", "--nbval-sanitize-with", ROOT / "tests" / "sanitize.cfg",
            "--nbval-cell-timeout", "600", "-n", workers, "--dist", "loadscope", "-q", *args]
-    code = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=test_env()).returncode
+    env = dict(test_env(), **TEST_PATH_ENV)
+    log("notebooks are re-run on the test path " +
+        " ".join(f"{k}={v}" for k, v in TEST_PATH_ENV.items()) +
+        " and compared with outputs stored on the fastest path (tasks.py execute)")
+    code = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
     log(f"tests finished in {time.time() - t0:.0f} s with exit code {code}")
     return code
 
@@ -183,6 +215,33 @@ def cmd_execute(args) -> int:
         tidy_streams(nb)
         nbformat.write(nb, path)
         log(f"{path}: executed in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_lock(args) -> int:
+    """Re-resolve requirements.lock: exact versions of everything requirements.txt needs, one
+    universal lock valid on every Python the README names (3.11 and newer) and every platform,
+    with torch resolved as the CPU pin but left out (and with it its CUDA runtime packages)."""
+    import re
+    import tempfile
+
+    run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "uv"])
+    uv = Path(sys.executable).parent / "uv"
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_pin = Path(tmp) / "torch.txt"
+        torch_pin.write_text(CPU_TORCH + "\n")
+        raw = Path(tmp) / "lock.txt"
+        run([uv, "pip", "compile", ROOT / "requirements.txt", "--universal", "--python-version",
+             "3.11", "--fork-strategy", "fewest", "-c", torch_pin, "--no-emit-package", "torch",
+             "--no-header", "--no-annotate", "-q", "-o", raw])
+        keep = [ln for ln in raw.read_text().splitlines()
+                if ln.strip() and not re.match(r"(%s)" % "|".join(map(re.escape, TORCH_OWNED)), ln)]
+    header = ["# Generated by `python3 tasks.py lock` from requirements.txt: exact versions for",
+              "# Python 3.11 and newer on every platform (one universal resolution). Used as a",
+              "# constraints file by tasks.py; torch and its CUDA runtime are left to the machine",
+              f"# (tasks.py installs {CPU_TORCH} where there is no GPU)."]
+    LOCK.write_text("\n".join(header + keep) + "\n")
+    log(f"wrote {LOCK.name}: {len(keep)} pinned packages")
     return 0
 
 
@@ -459,7 +518,7 @@ def cmd_full(args) -> int:
 
 
 COMMANDS = {"book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
-            "pages": cmd_pages, "full": cmd_full}
+            "pages": cmd_pages, "full": cmd_full, "lock": cmd_lock}
 
 
 def main() -> int:

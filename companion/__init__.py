@@ -15,7 +15,7 @@ import random
 
 __version__ = "0.1.0"
 
-__all__ = ["scale", "seed_everything", "device", "set_num_threads", "SCALES"]
+__all__ = ["scale", "seed_everything", "device", "set_num_threads", "glue", "glued", "SCALES"]
 
 SCALES = ("ci", "full")
 _SCALE_ENV = "COMPANION_SCALE"
@@ -94,6 +94,43 @@ def set_num_threads(default: int | None = None) -> int:
     if n is not None:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+_GLUED: dict[str, str] = {}
+
+
+def glue(name: str, value) -> str:
+    """Record a headline figure of a notebook under ``name`` and return it as text.
+
+    In a Jupyter kernel with myst-nb installed it is also glued (``myst_nb.glue(...,
+    display=False)``), so that the book's reproductions page shows the number from the stored
+    outputs instead of a copy typed by hand; ``python3 tasks.py full`` reads what
+    :func:`glued` returns after a full-scale run. ``value`` is kept as ``str(value)``: format
+    numbers to the precision their spread supports before gluing them.
+    """
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"name: expected letters, digits, '-' or '_', got {name!r}")
+    text = str(value)
+    _GLUED[name] = text
+    try:
+        from IPython import get_ipython
+
+        in_kernel = get_ipython() is not None and hasattr(get_ipython(), "kernel")
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        in_kernel = False
+    if in_kernel:
+        try:
+            from myst_nb import glue as _myst_glue
+        except ImportError:  # on Colab, without the book's tools: nothing to glue into
+            pass
+        else:
+            _myst_glue(name, text, display=False)
+    return text
+
+
+def glued() -> dict[str, str]:
+    """A copy of everything :func:`glue` recorded in this process, by name."""
+    return dict(_GLUED)
 
 
 def __getattr__(name: str):

@@ -90,8 +90,11 @@ def augment_digits(x: torch.Tensor, *, max_shift: int = 1, noise_std: float = 0.
     return out.reshape(-1, 64) if flat else out
 
 
-# A fixed, sorted list of pure-Python standard-library modules: the text corpus of the
-# language-model notebooks. Their content changes slightly between Python minor versions.
+# The text corpus of the language-model notebooks: the docstrings and the sources of a fixed,
+# sorted list of pure-Python standard-library modules, frozen from CPython 3.11.7 and shipped as
+# package data (companion/corpus/, beside the Python Software Foundation licence that covers it),
+# so that every Python version reads the same characters. `_live_stdlib_text` shows how the
+# files were made; it reads the running interpreter's library, which changes between releases.
 _STDLIB_MODULES = (
     "abc", "argparse", "ast", "base64", "bisect", "calendar", "colorsys", "configparser",
     "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum",
@@ -103,6 +106,12 @@ _STDLIB_MODULES = (
     "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing",
     "uuid", "warnings", "weakref", "zipfile",
 )
+_CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+_CORPUS_SHA256 = {
+    "docstrings": "958336f1a733b7066311d241b271247f997575abbb1ccbce7f791fbe8bee7946",
+    "source": "ae535706cfc7b240105d6372738c87c1961c7f97842e3a4af4f5daac5650c622",
+}
+_CORPUS_CACHE: dict[str, str] = {}
 
 
 def _stdlib_sources() -> Iterator[tuple[str, str]]:
@@ -114,33 +123,49 @@ def _stdlib_sources() -> Iterator[tuple[str, str]]:
                 break
 
 
-def stdlib_text(kind: str = "docstrings", *, max_chars: int | None = None) -> str:
-    """English text from the Python standard library, available on every machine.
-
-    ``kind="docstrings"``: the docstrings of the modules, classes and functions of a fixed list
-    of modules, one paragraph each; ``kind="source"``: the source files themselves.
-    ``max_chars`` truncates the result. The text depends slightly on the Python minor version.
-    """
-    if kind not in ("docstrings", "source"):
-        raise ValueError(f"kind: expected 'docstrings' | 'source', got {kind!r}")
-    if max_chars is not None:
-        check_int("max_chars", max_chars, 1)
+def _live_stdlib_text(kind: str) -> str:
+    """The corpus as read from the running interpreter (how companion/corpus/ was made)."""
     parts: list[str] = []
     for _, src in _stdlib_sources():
         if kind == "source":
             parts.append(src)
             continue
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:  # pragma: no cover - stdlib parses on its own Python
-            continue
+        tree = ast.parse(src)
         nodes = [tree] + [n for n in ast.walk(tree) if isinstance(
             n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         for node in nodes:
             doc = ast.get_docstring(node)
             if doc:
                 parts.append(doc.strip())
-    text = "\n\n".join(parts)
+    return "\n\n".join(parts)
+
+
+def stdlib_text(kind: str = "docstrings", *, max_chars: int | None = None) -> str:
+    """English text from the Python standard library, the same on every machine and Python.
+
+    ``kind="docstrings"``: the docstrings of the modules, classes and functions of a fixed list
+    of modules, one paragraph each (471,642 characters); ``kind="source"``: the source files
+    themselves (2,541,144 characters). Both are frozen from CPython 3.11.7 and shipped with
+    companion (``companion/corpus/``, under the PSF licence); the file's SHA-256 is checked on
+    first use. ``max_chars`` truncates the result.
+    """
+    if kind not in ("docstrings", "source"):
+        raise ValueError(f"kind: expected 'docstrings' | 'source', got {kind!r}")
+    if max_chars is not None:
+        check_int("max_chars", max_chars, 1)
+    if kind not in _CORPUS_CACHE:
+        path = _CORPUS_DIR / f"stdlib_{kind}.txt.gz"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the shipped text corpus is missing; reinstall companion (or copy "
+                "companion/corpus/ beside data.py)")
+        raw = gzip.decompress(path.read_bytes())
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != _CORPUS_SHA256[kind]:
+            raise ValueError(f"{path}: checksum {digest} differs from the shipped corpus's "
+                             f"{_CORPUS_SHA256[kind]}: the file is damaged or was changed")
+        _CORPUS_CACHE[kind] = raw.decode("utf-8")
+    text = _CORPUS_CACHE[kind]
     return text[:max_chars] if max_chars is not None else text
 
 

@@ -59,6 +59,32 @@ def test_stdlib_text():
         data.stdlib_text("code")
 
 
+def test_stdlib_text_is_frozen():
+    """The corpus is shipped data, the same characters on every Python: its length, checksum
+    and first paragraph are those of the files made from CPython 3.11.7."""
+    import hashlib
+
+    for kind, n in (("docstrings", 471_642), ("source", 2_541_144)):
+        text = data.stdlib_text(kind)
+        assert len(text) == n
+        assert hashlib.sha256(text.encode("utf-8")).hexdigest() == data._CORPUS_SHA256[kind]
+    assert data.stdlib_text().startswith("Abstract Base Classes (ABCs) according to PEP 3119.")
+    assert (data._CORPUS_DIR / "PSF-LICENSE.txt").read_text().startswith("A. HISTORY OF THE SOFTWARE")
+
+
+def test_stdlib_text_damaged_file_is_named(tmp_path, monkeypatch):
+    import gzip
+
+    (tmp_path / "stdlib_docstrings.txt.gz").write_bytes(gzip.compress(b"not the corpus"))
+    monkeypatch.setattr(data, "_CORPUS_DIR", tmp_path)
+    monkeypatch.setattr(data, "_CORPUS_CACHE", {})
+    with pytest.raises(ValueError, match="stdlib_docstrings.txt.gz: checksum"):
+        data.stdlib_text()
+    monkeypatch.setattr(data, "_CORPUS_DIR", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="corpus is missing"):
+        data.stdlib_text()
+
+
 def test_char_vocab_round_trip():
     text = "hello, world"
     v = data.CharVocab.from_text(text)
