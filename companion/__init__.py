@@ -99,8 +99,8 @@ def set_num_threads(default: int | None = None) -> int:
 _GLUED: dict[str, str] = {}
 
 
-def glue(name: str, value) -> str:
-    """Record a headline figure of a notebook under ``name`` and return it as text.
+def glue(name: str, value) -> None:
+    """Record a headline figure of a notebook under ``name``.
 
     In a Jupyter kernel with myst-nb installed it is also glued (``myst_nb.glue(...,
     display=False)``), so that the book's reproductions page shows the number from the stored
@@ -124,8 +124,20 @@ def glue(name: str, value) -> str:
         except ImportError:  # on Colab, without the book's tools: nothing to glue into
             pass
         else:
-            _myst_glue(name, text, display=False)
-    return text
+            _myst_glue(name, _Plain(text), display=False)
+
+
+class _Plain:
+    """A string that Jupyter shows without quotes (so that a pasted glue value reads as text)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.text)
 
 
 def glued() -> dict[str, str]:

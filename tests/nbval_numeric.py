@@ -173,3 +173,27 @@ def _install():
 def pytest_configure(config):
     if getattr(config.option, "nbval", False) or getattr(config.option, "nbval_lax", False):
         _install()
+
+
+# ------------------------------------------------------------------------------------------
+# Time per notebook on the test path, summed over its cells and printed at the end of the run
+# (a report, not a test: timings belong in benchmarks, and this one is read off every CI run).
+# ------------------------------------------------------------------------------------------
+NOTEBOOK_BUDGET_S = 60.0
+_notebook_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    if path.endswith(".ipynb"):
+        _notebook_seconds[path] = _notebook_seconds.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _notebook_seconds:
+        return
+    tr = terminalreporter
+    tr.section("time per notebook on this test path (budget 60 s)")
+    for path, seconds in sorted(_notebook_seconds.items(), key=lambda kv: -kv[1]):
+        flag = "  OVER BUDGET" if seconds > NOTEBOOK_BUDGET_S else ""
+        tr.write_line(f"{seconds:7.1f} s  {path}{flag}")

@@ -23,6 +23,9 @@ MATHJAX = Path(os.environ.get("COMPANION_MATHJAX", ROOT / ".cache/mathjax/node_m
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
+    prebuilt = os.environ.get("COMPANION_SITE")  # a site already built (to test old pages)
+    if prebuilt:
+        return Path(prebuilt)
     out = tmp_path_factory.mktemp("book")
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(ROOT), "--all",
            "--warningiserror", "--keep-going", "--path-output", str(out)]
@@ -118,6 +121,22 @@ CHECK_JS = """
 async () => {
   const main = document.querySelector('main') || document.body;
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
+  const article = document.querySelector('article.bd-article') || main;
+  const colRight = article.getBoundingClientRect().right;
+  const describe = el => (el.textContent || '').replace(/\\s+/g, ' ').trim().slice(0, 70);
+  // display equations whose typeset width exceeds their box (or the column): clipped or scrolled
+  const wideMath = Array.from(main.querySelectorAll('mjx-container[display="true"]')).filter(c => {
+    const m = c.querySelector('mjx-math');
+    if (!m) return false;
+    const box = c.closest('div.math') || c.parentElement;
+    const w = m.getBoundingClientRect().width;
+    return w > box.clientWidth + 1 || m.getBoundingClientRect().right > colRight + 1;
+  }).map(c => (c.closest('div.math') || c).id || describe(c));
+  // code cells and outputs wider than their column (a reader would scroll sideways)
+  const widePre = Array.from(main.querySelectorAll('pre')).filter(p =>
+    p.scrollWidth > p.clientWidth + 1 || p.getBoundingClientRect().right > colRight + 1
+  ).map(p => describe(p));
+  const eqnos = Array.from(main.querySelectorAll('span.eqno')).map(e => e.textContent.replace(/[^0-9.]/g, ''));
   const imgs = Array.from(main.querySelectorAll('img'));
   await Promise.all(imgs.map(img => img.complete ? null : new Promise(r => { img.onload = img.onerror = r; })));
   const mathBlocks = Array.from(main.querySelectorAll('.math'));
@@ -129,14 +148,84 @@ async () => {
     dollars: (main.innerText.match(/\\$\\$/g) || []).length,
     images: imgs.length,
     badImages: imgs.filter(img => !(img.naturalWidth > 0)).map(img => img.getAttribute('src').slice(0, 80)),
+    wideMath: wideMath,
+    widePre: widePre,
+    eqnos: eqnos,
   };
 }
 """
 
 
+VIEWPORT = {"width": 1400, "height": 1000}
+
+# Does a CJK character render with a real glyph? Ink of U+82CF (a Chinese character) against
+# that of an unassigned code point (U+0378), drawn in the font of the page's Chinese title: with
+# no CJK font both are the same missing-glyph box.
+GLYPH_JS = """
+(sample) => {
+  const el = Array.from(document.querySelectorAll('main p, main h1, main h2'))
+    .find(e => /[\\u4e00-\\u9fff]/.test(e.textContent));
+  if (!el) return {found: false};
+  const font = getComputedStyle(el).font;
+  const ink = ch => {
+    const c = document.createElement('canvas'); c.width = 64; c.height = 64;
+    const g = c.getContext('2d'); g.font = font.replace(/\\d+(\\.\\d+)?px/, '40px');
+    g.fillStyle = '#000'; g.fillText(ch, 4, 48);
+    return Array.from(g.getImageData(0, 0, 64, 64).data.filter((_, i) => i % 4 === 3));
+  };
+  const a = ink(sample), b = ink('\\u0378');
+  return {found: true, text: el.textContent.slice(0, 40), inked: a.some(v => v > 0),
+          differs: a.some((v, i) => v !== b[i])};
+}
+"""
+
+
+def _open(browser, site: Path, rel: str):
+    page = browser.new_page(viewport=VIEWPORT)
+    _route_offline(page, site)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((site / rel).as_uri(), wait_until="load")
+    return page, errors
+
+
+@pytest.mark.parametrize("slug", NOTEBOOKS)
+def test_notebook_fits_the_column(site, browser, slug):
+    """At 1400 x 1000 no display equation and no code or output block is wider than its column."""
+    page, _ = _open(browser, site, f"notebooks/{slug}.html")
+    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                           timeout=30_000)
+    result = page.evaluate(CHECK_JS)
+    page.close()
+    assert not result["wideMath"], f"display equations wider than the column: {result['wideMath']}"
+    assert not result["widePre"], (f"{len(result['widePre'])} code/output blocks wider than the "
+                                   f"column, e.g. {result['widePre'][:3]}")
+
+
+@pytest.mark.parametrize("slug", NOTEBOOKS)
+def test_equations_numbered_per_notebook(site, browser, slug):
+    """Each notebook numbers its equations (1), (2), ... on its own page."""
+    page, _ = _open(browser, site, f"notebooks/{slug}.html")
+    result = page.evaluate(CHECK_JS)
+    page.close()
+    numbers = result["eqnos"]
+    if numbers:
+        assert numbers == [str(i) for i in range(1, len(numbers) + 1)], numbers
+
+
+def test_chinese_title_renders_with_real_glyphs(site, browser):
+    page, _ = _open(browser, site, f"notebooks/{NOTEBOOKS[0]}.html")
+    result = page.evaluate(GLYPH_JS, "\u82cf")
+    page.close()
+    assert result["found"], "no Chinese text on the page"
+    assert result["inked"] and result["differs"], (
+        f"the Chinese title {result.get('text')!r} renders as missing-glyph boxes: no CJK font "
+        "(python3 tasks.py test installs Debian's fonts-noto-cjk)")
+
+
 @pytest.mark.parametrize("slug", NOTEBOOKS)
 def test_notebook_page_in_chromium(site, browser, slug):
-    page = browser.new_page()
+    page = browser.new_page(viewport=VIEWPORT)
     _route_offline(page, site)
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -153,7 +242,7 @@ def test_notebook_page_in_chromium(site, browser, slug):
 
 @pytest.mark.parametrize("name", ["intro", "catalogue", "reproductions", "how-to-run"])
 def test_book_page_in_chromium(site, browser, name):
-    page = browser.new_page()
+    page = browser.new_page(viewport=VIEWPORT)
     _route_offline(page, site)
     page.goto((site / "book" / f"{name}.html").as_uri(), wait_until="load")
     result = page.evaluate(CHECK_JS)

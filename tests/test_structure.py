@@ -99,6 +99,60 @@ def test_catalogue_lists_all_forty_articles():
 
 
 def test_every_claim_has_a_row():
-    text = (ROOT / "book" / "reproductions.csv").read_text(encoding="utf-8")
+    import csv
+
+    with open(ROOT / "book" / "reproductions.csv", encoding="utf-8") as f:
+        rows = {r["slug"]: r for r in csv.DictReader(f)}
     for path in NOTEBOOKS:
-        assert f"\n{path.stem}," in text, f"add the claim of {path.stem} to book/reproductions.csv"
+        assert path.stem in rows, f"add the claim of {path.stem} to book/reproductions.csv"
+        row = rows[path.stem]
+        assert row["claim"] and row["paper_figure"], path.stem
+        assert row["verdict"] in tasks.VERDICTS, f"{path.stem}: verdict {row['verdict']!r}"
+
+
+PAGE_WIDTH = 88  # characters of code that the rendered page shows without scrolling (1400 px)
+
+
+def _text_outputs(cell):
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            yield "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+        else:
+            plain = out.get("data", {}).get("text/plain")
+            if plain is not None and "image/png" not in out.get("data", {}):
+                yield "".join(plain) if isinstance(plain, list) else plain
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_lines_fit_the_page(path):
+    """Code lines and printed lines at most 88 characters: the page clips wider ones."""
+    wide = []
+    for i, cell in enumerate(load(path)["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        for line in source(cell).splitlines():
+            if len(line) > PAGE_WIDTH:
+                wide.append(f"cell {i} code ({len(line)}): {line[:60]}...")
+        if "remove-output" in cell.get("metadata", {}).get("tags", []):
+            continue
+        for text in _text_outputs(cell):
+            for line in text.splitlines():
+                if len(line) > PAGE_WIDTH:
+                    wide.append(f"cell {i} output ({len(line)}): {line[:60]}...")
+    assert not wide, f"{len(wide)} lines over {PAGE_WIDTH} characters:\n" + "\n".join(wide[:15])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_declared_tolerances_are_valid(path):
+    """Every tolerance a cell declares for the numeric comparison parses (tests/nbval_numeric.py)."""
+    from tests.nbval_numeric import Tolerance
+
+    for cell in load(path)["cells"]:
+        Tolerance.from_metadata(cell.get("metadata", {}))  # raises on a malformed declaration
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_headline_is_glued(path):
+    """The reproductions page shows each notebook's headline number from its stored outputs."""
+    assert "headline" in tasks.glued_values(path), \
+        'call companion.glue("headline", "...") where the headline result is printed'
