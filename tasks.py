@@ -570,6 +570,10 @@ def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__)
         return 2
+    if sys.version_info < (3, 11):
+        log(f"Python 3.11 or newer is needed (requirements.lock is resolved for 3.11+); this is "
+            f"{sys.version.split()[0]}")
+        return 2
     ensure_env()
     return COMMANDS[sys.argv[1]](sys.argv[2:])
 
