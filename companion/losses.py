@@ -357,9 +357,20 @@ def emo_loss(logits: torch.Tensor, target: torch.Tensor, cost_embedding: torch.T
     dtype = _compute_dtype(logits)
     e_hat = _unit_cost_embedding(cost_embedding, logits.shape[-1], dtype)   # ê   [V, d]
     p = torch.softmax(logits.to(dtype), dim=-1)                              # p   [..., V]
-    mean_e = p @ e_hat                                               # Σ_i p_i ê_i   [..., d]
-    cost = 1.0 - (mean_e * e_hat[t]).sum(-1)                         # 1 - <Σ_i p_i ê_i, ê_t>
+    cost, _ = _emo_cost(p, e_hat, t)
     return _masked_reduce(cost, valid, reduction).to(logits.dtype)
+
+
+def _emo_cost(p, e_hat, t):
+    """``C = Σ_{i≠t} p_i c_it = (1 - p_t) - <Σ_{i≠t} p_i ê_i, ê_t>`` (c_tt = 0), and ``1 - p_t``.
+
+    The target's own mass is left out before the sum: written as ``1 - <Σ_i p_i ê_i, ê_t>``
+    the cost cancels catastrophically for a confident model (p_t -> 1 rounds it to 0 or below);
+    this way its rounding error is relative to ``1 - p_t``, and it is clamped at 0 from below."""
+    q = p.scatter(-1, t[..., None], 0.0)                            # p with p_t zeroed [..., V]
+    rest = q.sum(-1)                                                # 1 - p_t, accurately
+    cost = rest - ((q @ e_hat) * e_hat[t]).sum(-1)                  # Σ_{i≠t} p_i (1 - ê_i·ê_t)
+    return cost.clamp_min(0.0), rest
 
 
 def emo_mle_loss(logits: torch.Tensor, target: torch.Tensor, cost_embedding: torch.Tensor,
@@ -377,8 +388,11 @@ def emo_mle_loss(logits: torch.Tensor, target: torch.Tensor, cost_embedding: tor
     e_hat = _unit_cost_embedding(cost_embedding, logits.shape[-1], dtype)
     log_p = torch.log_softmax(logits.to(dtype), dim=-1)                      # log p [..., V]
     ce = -log_p.gather(-1, t[..., None])[..., 0]                             # CE = -log p_t
-    emo = 1.0 - ((log_p.exp() @ e_hat) * e_hat[t]).sum(-1)                   # C (see emo_loss)
-    scale = ce.detach() / emo.detach().clamp_min(torch.finfo(dtype).tiny)    # sg[CE / C]
+    emo, rest = _emo_cost(log_p.exp(), e_hat, t)                             # C (see emo_loss)
+    # sg[CE / C]; C below what rounding resolves (a few eps of 1 - p_t) is floored there, so a
+    # confident model gets a finite, bounded weight instead of CE / 0.
+    floor = (8 * torch.finfo(dtype).eps * rest).clamp_min(torch.finfo(dtype).tiny)
+    scale = ce.detach() / torch.maximum(emo.detach(), floor.detach())
     loss = 0.5 * (ce + scale * emo)
     out = (_masked_reduce(x, valid, reduction).to(logits.dtype) for x in (loss, ce, emo))
     return tuple(out)

@@ -227,3 +227,37 @@ def test_upper_bound_gradcheck_extremes_and_bad_inputs():
         transport_cost_upper_bound(2 * probs, tau, cost)
     with pytest.raises(TypeError, match="cost: expected a floating-point tensor"):
         transport_cost_upper_bound(probs, tau, cost.long())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("margin", [5.0, 19.0, 50.0, 1e4])
+def test_emo_mle_confident_model_is_finite_and_bounded(dtype, margin):
+    """A confidently correct model (target logit `margin` above the rest): the loss stays near
+    CE (about e^-margin V) and the gradient stays bounded, instead of CE / (rounded C ~ 0)."""
+    torch.manual_seed(0)
+    v, n = 30, 8
+    emb = torch.randn(v, 16)
+    t = torch.randint(0, v, (n,))
+    logits = torch.zeros(n, v)
+    logits[torch.arange(n), t] = margin
+    logits = logits.to(dtype).requires_grad_()
+    loss, ce, emo = emo_mle_loss(logits, t, emb)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert 0 <= loss.item() <= 1.5 * ce.item() + 1e-6 and logits.grad.abs().max().item() <= 1.0
+    assert emo.item() >= 0
+
+
+def test_emo_cost_accurate_when_confident():
+    """C = sum_i p_i c_it against a float64 reference with an explicit cost matrix, at a margin
+    where 1 - <sum p_i e_i, e_t> would round to zero in float32."""
+    torch.manual_seed(1)
+    v = 30
+    emb = torch.randn(v, 8)
+    t = torch.arange(4)
+    logits = torch.randn(4, v)
+    logits[torch.arange(4), t] += 16.0
+    e = emb.double() / emb.double().norm(dim=-1, keepdim=True)
+    ref = (logits.double().softmax(-1) * (1 - e @ e.T)[t]).sum(-1)
+    got = emo_loss(logits, t, emb, reduction="none").double()
+    assert torch.allclose(got, ref, rtol=1e-3, atol=0), (got, ref)
