@@ -547,24 +547,24 @@ def flatnce_loss(scores: torch.Tensor, positive: torch.Tensor | None = None,
 
 
 class _FlatNCE(torch.autograd.Function):
-    """Per-row log xi with its closed-form backward: one [B, K] tensor saved, one made in backward,
-    as for F.cross_entropy (plain autograd of masked logsumexp - gather keeps about twice as many)."""
+    """Per-row log xi with its closed-form backward, itself differentiable (so gradient
+    penalties and other double backwards get the right second derivatives). The scores are saved
+    (no new [B, K] tensor is kept between forward and backward; the backward makes two)."""
 
     @staticmethod
     def forward(ctx, scores, positive):
         idx = positive[:, None]
         masked = scores.scatter(1, idx, float("-inf"))                 # the negatives only
         lse_neg = torch.logsumexp(masked, dim=1)                        # log sum_{i != t} e^{s_i}
-        ctx.save_for_backward(masked, lse_neg, idx)
+        ctx.save_for_backward(scores, idx)
         return lse_neg - scores.gather(1, idx).squeeze(1)               # log xi, [B]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        masked, lse_neg, idx = ctx.saved_tensors
+        scores, idx = ctx.saved_tensors
         g = grad_out[:, None]
-        grad = (masked - lse_neg[:, None]).exp_().mul_(g)               # softmax over the negatives
-        grad.scatter_(1, idx, -g)                                       # exactly -1 on the positive
+        weights = torch.softmax(scores.scatter(1, idx, float("-inf")), dim=1)  # over negatives
+        grad = (weights * g).scatter(1, idx, -g)                        # exactly -1 on the positive
         return grad, None
 
 
@@ -790,6 +790,9 @@ def grad_topk(x: torch.Tensor, k: int, tau: float = 1.0) -> torch.Tensor:
     double backward does (differences of its arguments below ~88 in float32, ~709 in float64).
     """
     z = _topk_args(x, k, tau)
+    if torch.is_inference_mode_enabled():  # autograd computes the result: leave inference mode
+        with torch.inference_mode(False), torch.no_grad():
+            return grad_topk(x.clone(), k, tau)
     keep_graph = torch.is_grad_enabled() and z.requires_grad
     with torch.enable_grad():
         if not keep_graph:
@@ -818,8 +821,9 @@ class _SigmoidThreshold(torch.autograd.Function):
         return lam
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_lam):
+        # differentiable: lam is this Function's own output, so a double backward flows through
+        # it again and the second derivatives are exact
         z, lam = ctx.saved_tensors
         u = z - lam
         weight = torch.softmax(F.logsigmoid(u) + F.logsigmoid(-u), dim=-1)  # log sigma'(u) = log s(u) + log s(-u)

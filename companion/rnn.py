@@ -263,8 +263,12 @@ class _ImplicitAdjoint(torch.autograd.Function):
         return f.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the adjoint is not differentiated
+            raise RuntimeError(
+                "deer_solve: double backward (create_graph=True, e.g. a gradient penalty) is not "
+                "supported: the implicit-adjoint gradient is first order only. Differentiate "
+                "through the sequential loop instead.")
         h_prev, u = ctx.saved_tensors
         B, T, H = h_prev.shape
         _, J = _step_and_jacobian(ctx.step, h_prev.reshape(B * T, H), u.reshape(B * T, -1))
@@ -279,7 +283,8 @@ _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def deer_solve(step, h0: torch.Tensor, inputs: torch.Tensor, *, max_iter: int | None = None,
-               tol: float | None = None, return_num_iters: bool = False):
+               tol: float | None = None, return_num_iters: bool = False,
+               allow_unconverged: bool = False):
     """All states h_t = step(h_{t-1}, u_t), t = 1..T, of any recurrent cell, by Newton's method
     over the whole sequence (DEER, Lim et al. 2024), parallel in time.
 
@@ -294,7 +299,10 @@ def deer_solve(step, h0: torch.Tensor, inputs: torch.Tensor, *, max_iter: int | 
     max_{t,i} |h^(n) - h^(n-1)| <= tol * max(1, max|h^(n)|); ``tol`` defaults to 1e-12 (float64),
     1e-5 (float32) or 1e-2 (otherwise), ``max_iter`` to min(T, 100) (T iterations are always
     enough in exact arithmetic: iteration n makes step n exact). One host sync per iteration.
-    Warns (RuntimeWarning, naming max_iter and the last change) when a sequence has not converged.
+    A sequence that has not converged, or non-finite states (an expanding cell), raise
+    RuntimeError naming max_iter and the last change; with ``allow_unconverged=True`` the last
+    iterate is returned with a RuntimeWarning instead. Works under ``torch.no_grad()`` and
+    ``torch.inference_mode()``.
 
     Returns ``[B, T, H]`` (and, with ``return_num_iters``, the iterations used per sequence,
     int64 ``[B]``). Gradients (to ``inputs``, ``h0`` and whatever ``step`` closes over, such as a
@@ -304,6 +312,11 @@ def deer_solve(step, h0: torch.Tensor, inputs: torch.Tensor, *, max_iter: int | 
     """
     if not callable(step):
         raise TypeError(f"step: expected a callable step(h, u), got {type(step).__name__}")
+    if torch.is_inference_mode_enabled():  # the Jacobians need autograd: leave inference mode
+        with torch.inference_mode(False), torch.no_grad():
+            return deer_solve(step, h0.clone(), inputs.clone(), max_iter=max_iter, tol=tol,
+                              return_num_iters=return_num_iters,
+                              allow_unconverged=allow_unconverged)
     check_floating("inputs", inputs)
     check_floating("h0", h0)
     if inputs.dim() != 3:
@@ -338,15 +351,23 @@ def deer_solve(step, h0: torch.Tensor, inputs: torch.Tensor, *, max_iter: int | 
             scale = h_new.abs().flatten(1).amax(1).clamp(min=1.0)
             h = torch.where(done[:, None, None], h, h_new)  # a converged sequence stays put
             num_iters = torch.where(done, num_iters, it)
-            done = done | (change <= tol * scale)
+            # iteration T makes every step exact (finite termination), whatever the last change
+            done = done | (change <= tol * scale) | (it >= T)
             if bool(done.all()):  # the one host sync of the iteration
                 break
-        if not bool(done.all()):
-            worst = change[~done].max().item()
-            warnings.warn(f"deer_solve: {int((~done).sum())} of {B} sequences did not converge "
-                          f"in max_iter={max_iter} Newton iterations (last max change {worst:.3g} "
-                          f"> tol={tol:.3g}); raise max_iter (T={T} always suffices)",
-                          RuntimeWarning, stacklevel=2)
+        finite = torch.isfinite(h).flatten(1).all(1)
+        if not bool((done & finite).all()):
+            bad = ~(done & finite)
+            worst = change[bad].max().item()
+            msg = (f"deer_solve: {int(bad.sum())} of {B} sequences did not converge in "
+                   f"max_iter={max_iter} Newton iterations (last max change {worst:.3g} > "
+                   f"tol={tol:.3g}{'; non-finite states' if not bool(finite.all()) else ''}); "
+                   f"raise max_iter (T={T} always suffices in exact arithmetic; an expanding "
+                   "cell may overflow first)")
+            if not allow_unconverged:
+                raise RuntimeError(msg + ", or pass allow_unconverged=True to get the last "
+                                   "iterate with a warning")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     # One differentiable evaluation of step at the solution; the adjoint is attached to it.
     h_prev = _shift(h, h0)  # h is detached; h0 keeps its graph, for the gradient of h0

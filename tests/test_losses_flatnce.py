@@ -231,3 +231,11 @@ def test_nt_xent_bad_inputs():
         nt_xent_scores(torch.randn(1, 3), torch.randn(1, 3), 0.1)
     with pytest.raises(TypeError, match="z2: expected a floating-point tensor"):
         nt_xent_scores(z, torch.ones(4, 3, dtype=torch.long), 0.1)
+
+
+def test_flatnce_second_derivatives():
+    """Double backward (gradient penalties) gives the right second derivatives."""
+    torch.manual_seed(0)
+    s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([0, 2, 5, 1])
+    assert torch.autograd.gradgradcheck(lambda x: flatnce_loss(x, pos), (s,))

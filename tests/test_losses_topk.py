@@ -255,3 +255,20 @@ def test_bad_choices_and_k_equal_n():
             thre_topk(x, 5, f=f)
     for p in (thre_topk(x, 5, f="exp"), grad_topk(x, 5)):
         torch.testing.assert_close(p, torch.ones_like(x))
+
+
+def test_thre_topk_sigmoid_second_derivatives():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda v: thre_topk(v, 2, 0.7, f="sigmoid", iters=80), (x,), atol=1e-6)
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_grad_topk_under_no_grad_and_inference_mode(ctx):
+    x = torch.randn(4, 7)
+    ref = grad_topk(x, 3, 0.5)
+    with ctx():
+        out = grad_topk(x, 3, 0.5)
+    torch.testing.assert_close(out, ref)
+    assert not out.requires_grad

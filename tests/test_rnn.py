@@ -375,8 +375,11 @@ def test_deer_finite_termination_and_warning():
     step = lambda h, x: torch.tanh(h @ A.T + x)  # noqa: E731
     ref = tanh_rnn_sequential(A, u)
     for k in (1, 2, 3):
+        with pytest.raises(RuntimeError, match=rf"max_iter={k} Newton iterations .*allow_unc"):
+            deer_solve(step, torch.zeros(2, d, dtype=F64), u, max_iter=k, tol=1e-30)
         with pytest.warns(RuntimeWarning, match=rf"max_iter={k} Newton iterations .*> tol=1e-30"):
-            out = deer_solve(step, torch.zeros(2, d, dtype=F64), u, max_iter=k, tol=1e-30)
+            out = deer_solve(step, torch.zeros(2, d, dtype=F64), u, max_iter=k, tol=1e-30,
+                             allow_unconverged=True)
         # the returned states are one step evaluation past iterate k: exact up to step k + 1
         assert (out - ref)[:, :k + 1].abs().max() < 1e-12
         assert (out - ref).abs().max() > 1e-8
@@ -466,3 +469,49 @@ def test_parallel_iter_rnn_init_and_bad_inputs():
         model(torch.randn(2, 9, 3))
     with pytest.raises(ValueError, match=r"num_iters: expected a value in \[1, inf\], got 0"):
         ParallelIterRNN(4, 6, num_iters=0)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_deer_short_sequences_do_not_warn(T, dtype):
+    """T iterations are exact: no false 'did not converge' for short sequences."""
+    g = gen(3)
+    A = random_A(4, 0.9, g).to(dtype)
+    u = torch.randn(2, T, 4, generator=g, dtype=F64).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = deer_solve(lambda h, x: torch.tanh(h @ A.T + x), torch.zeros(2, 4, dtype=dtype), u)
+    ref = tanh_rnn_sequential(A.double(), u.double())
+    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_deer_expanding_cell_raises_instead_of_nan():
+    g = gen(4)
+    u = torch.randn(1, 200, 3, generator=g, dtype=F64)
+    step = lambda h, x: 3.0 * h + x + h ** 3  # noqa: E731  (blows up: no finite solution path)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        deer_solve(step, torch.ones(1, 3, dtype=F64), u)
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_deer_under_no_grad_and_inference_mode(ctx):
+    g = gen(5)
+    A = random_A(3, 0.9, g)
+    u = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    cell = torch.nn.GRUCell(3, 3).double()
+    ref = deer_solve(lambda h, x: cell(x, h), torch.zeros(2, 3, dtype=F64), u).detach()
+    with ctx():
+        out = deer_solve(lambda h, x: cell(x, h), torch.zeros(2, 3, dtype=F64), u)
+    torch.testing.assert_close(out, ref)
+    assert A is not None
+
+
+def test_deer_double_backward_raises():
+    g = gen(6)
+    A = random_A(3, 0.9, g).requires_grad_()
+    u = torch.randn(1, 5, 3, generator=g, dtype=F64)
+    out = deer_solve(lambda h, x: torch.tanh(h @ A.T + x), torch.zeros(1, 3, dtype=F64), u)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.pow(2).sum(), A, create_graph=True)
+    (gA,) = torch.autograd.grad(out.pow(2).sum(), A)  # first order still works
+    assert torch.isfinite(gA).all()
