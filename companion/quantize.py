@@ -200,6 +200,8 @@ def _fsq_core(z: torch.Tensor, c: _FSQConstants, variant: str, with_indices: boo
         idx = idx.to(torch.int64)
         if level_offset:
             idx += level_offset
+        # a vector with a non-finite entry has no code: its index is -1 (never a valid index)
+        idx = torch.where(torch.isfinite(z).all(-1), idx, torch.full_like(idx, -1))
     return codes, idx
 
 
@@ -294,7 +296,8 @@ class FSQ(nn.Module):
     ``variant``: "tanh" (the paper's bound) or "sigmoid" (Su's), as in `fsq_quantize`.
 
     forward: z [..., dim] -> z_q [..., dim] (dtype of z), indices int64 [...] in {0..K-1}, and a
-    zero aux_loss (FSQ needs no auxiliary loss). ``codebook_size`` is K = prod(levels) and
+    zero aux_loss (FSQ needs no auxiliary loss). A vector with a NaN or infinite entry gets the
+    index -1 (its code is NaN). The constants stay float32 after ``.half()``/``.bfloat16()``. ``codebook_size`` is K = prod(levels) and
     ``codebook`` the implicit grid of codes [K, d] (before ``project_out``), row k = code of index k.
     """
 
@@ -313,6 +316,18 @@ class FSQ(nn.Module):
         for name, value in _fsq_constant_tensors(self.levels).items():
             self.register_buffer(f"_{name}", value if name == "basis" else value.float(), persistent=False)
             self._const_names.append(name)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.bfloat16()/.to(dtype) cast parameters and buffers; FSQ's constants (3.4965
+        # would round to 3.5 in bf16 and move codes) keep their float32/int64 precision and
+        # follow only the device.
+        before = {n: getattr(self, f"_{n}") for n in self._const_names}
+        out = super()._apply(fn, recurse)
+        for n, old in before.items():
+            new = getattr(self, f"_{n}")
+            if new.dtype != old.dtype:
+                setattr(self, f"_{n}", old.to(new.device))
+        return out
 
     def _constants(self, dtype: torch.dtype) -> _FSQConstants:
         return _FSQConstants(levels=self.levels, **{
@@ -418,6 +433,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        if not bool(torch.isfinite(z).all()):  # one NaN would poison the codebook for good
+            raise ValueError("z: the training batch has NaN or infinite values; the EMA codebook "
+                             "was left unchanged")
         e = self.codebook
         counts = torch.bincount(idx, minlength=self.codebook_size).to(e.dtype)      # n_k
         sums = torch.zeros_like(e).index_add_(0, idx, z.to(e.dtype))                 # sum of z with k_n = k

@@ -518,3 +518,39 @@ def test_patch_ae_trains_through_either_quantizer():
         assert model.encoder[0].weight.grad.abs().sum() > 0        # gradient reaches the encoder
     with pytest.raises(ValueError, match="quantizer: expected a quantizer of input dim d = 3, got dim 4"):
         PatchAE(16, 3, FSQ([8, 5, 5, 5]))
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_fsq_module_constants_survive_dtype_casts(cast):
+    torch.manual_seed(0)
+    levels = [8, 5, 5, 5]
+    z = torch.randn(200_000, 4) * 2
+    ref_idx = FSQ(levels)(z)[1]
+    q = getattr(FSQ(levels), cast)()
+    assert q._half_range.dtype == torch.float32 and q._basis.dtype == torch.int64
+    zc = z.to(getattr(torch, "bfloat16" if cast == "bfloat16" else "float16"))
+    codes, idx, _ = q(zc)
+    assert torch.equal(codes.float(), fsq_quantize(zc, levels).float())
+    back = q.float()
+    assert torch.equal(back(z)[1], ref_idx)
+
+
+def test_fsq_non_finite_rows_get_index_minus_one():
+    q = FSQ([8, 5, 5])
+    z = torch.randn(5, 3)
+    z[1, 0], z[3, 2] = float("nan"), float("inf")
+    _, idx, _ = q(z)
+    assert idx[1].item() == -1 and idx[3].item() == -1
+    assert (idx[[0, 2, 4]] >= 0).all()
+
+
+def test_ema_codebook_rejects_non_finite_batch():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, ema_decay=0.9)
+    vq(torch.randn(32, 4))
+    before = vq.codebook.clone()
+    z = torch.randn(32, 4)
+    z[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        vq(z)
+    assert torch.equal(vq.codebook, before)
