@@ -328,23 +328,54 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, *, sha256: str | None = None, filename: str | None = None) -> Path:
+_MAGIC = {"gzip": b"\x1f\x8b", "zip": b"PK\x03\x04"}
+
+
+def _check_file(path: Path, url: str, kind: str | None, name: str | None = None) -> None:
+    """Raise ValueError, naming the file and the URL, when ``path`` is not what was asked for:
+    an HTML page (a server's error page) where a data file was expected, or a file whose first
+    bytes are not those of ``kind`` ("gzip" or "zip")."""
+    name = name or path.name
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not name.lower().endswith((".htm", ".html")) and \
+            head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        raise ValueError(f"{name} from {url} is an HTML page (a server's error page?), "
+                         "not the data file")
+    if kind is not None and not head.startswith(_MAGIC[kind]):
+        raise ValueError(f"{name} from {url} is not a {kind} file "
+                         f"(it starts with {head[:8]!r})")
+
+
+def download(url: str, *, sha256: str | None = None, filename: str | None = None,
+             kind: str | None = None) -> Path:
     """Download ``url`` into ``cache_dir()`` once and return the local path.
 
-    The file is written to a temporary name and renamed only when complete (and, with
-    ``sha256``, only when its checksum matches), so an interrupted download never leaves a
-    broken file in the cache. Offline and not cached: RuntimeError naming the URL and the path.
+    The cache is keyed by the whole URL (two URLs ending in the same file name are two files):
+    the file lives at ``cache_dir() / <hash of the URL> / <name>``. It is written to a temporary
+    name and renamed only when complete and verified: with ``sha256`` its checksum must match;
+    an HTML page (a server's error page) is never accepted for a data file; with ``kind``
+    ("gzip" or "zip") its first bytes must be that format's. A cached file that fails these
+    checks is fetched again. Offline and not cached: RuntimeError naming the URL and the path.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(f"url: expected an absolute URL, got {url!r}")
+    if kind is not None and kind not in _MAGIC:
+        raise ValueError(f"kind: expected one of {sorted(_MAGIC)} or None, got {kind!r}")
     name = filename or url.rstrip("/").rsplit("/", 1)[-1]
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"filename: expected a plain file name, got {name!r}")
-    target = cache_dir() / name
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    target = cache_dir() / key / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file():
-        if sha256 is None or _sha256(target) == sha256:
+        try:
+            if sha256 is not None and _sha256(target) != sha256:
+                raise ValueError("checksum")
+            _check_file(target, url, kind)
             return target
-        target.unlink()  # stale or corrupt: fetch again
+        except ValueError:
+            target.unlink()  # stale or corrupt: fetch again
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
     try:
         try:
@@ -364,6 +395,10 @@ def download(url: str, *, sha256: str | None = None, filename: str | None = None
             got = _sha256(Path(tmp))
             if got != sha256:
                 raise RuntimeError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}")
+        try:
+            _check_file(Path(tmp), url, kind, name)
+        except ValueError as e:
+            raise RuntimeError(f"download of {name} rejected, not cached: {e}") from None
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -414,8 +449,8 @@ def mnist(split: str = "train", *, base_url: str = MNIST_URL) -> tuple[torch.Ten
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' | 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
-    images = read_idx(download(base_url + f"{prefix}-images-idx3-ubyte.gz"))
-    labels = read_idx(download(base_url + f"{prefix}-labels-idx1-ubyte.gz"))
+    images = read_idx(download(base_url + f"{prefix}-images-idx3-ubyte.gz", kind="gzip"))
+    labels = read_idx(download(base_url + f"{prefix}-labels-idx1-ubyte.gz", kind="gzip"))
     return images[:, None].float() / 255.0, labels.long()
 
 
@@ -428,7 +463,7 @@ def cifar10(split: str = "train", *, grayscale: bool = False, url: str = CIFAR10
     wanted = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5") \
         if split == "train" else ("test_batch",)
     xs, ys = [], []
-    with tarfile.open(download(url), "r:gz") as tar:
+    with tarfile.open(download(url, kind="gzip"), "r:gz") as tar:
         members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
         for name in wanted:
             if name not in members:
@@ -452,12 +487,12 @@ def _read_single_zip_member(path: Path) -> bytes:
 
 def text8(*, url: str = TEXT8_URL) -> str:
     """text8: 10^8 characters of cleaned English Wikipedia (download, cached)."""
-    return _read_single_zip_member(download(url)).decode("ascii")
+    return _read_single_zip_member(download(url, kind="zip")).decode("ascii")
 
 
 def enwik8(*, url: str = ENWIK8_URL) -> bytes:
     """enwik8: the first 10^8 bytes of an English Wikipedia dump (download, cached)."""
-    return _read_single_zip_member(download(url))
+    return _read_single_zip_member(download(url, kind="zip"))
 
 
 def tinystories(split: str = "train", *, max_chars: int | None = None,

@@ -151,15 +151,48 @@ def test_download_caches_and_checks_sha(tmp_path, cache):
     src.write_bytes(b"hello")
     sha = hashlib.sha256(b"hello").hexdigest()
     path = data.download(src.as_uri(), sha256=sha)
-    assert path == cache / "hello.txt" and path.read_bytes() == b"hello"
+    assert path.name == "hello.txt" and path.is_relative_to(cache) and path.read_bytes() == b"hello"
     src.unlink()  # now offline for this file: the cache answers
     assert data.download(src.as_uri(), sha256=sha) == path
     with pytest.raises(RuntimeError, match="checksum mismatch"):
         other = tmp_path / "other.txt"
         other.write_bytes(b"bye")
         data.download(other.as_uri(), sha256=sha)
-    assert not (cache / "other.txt").exists()  # nothing half-written is left in the cache
-    assert not any(p.name.endswith(".part") for p in cache.iterdir())
+    assert not list(cache.rglob("other.txt"))  # nothing half-written is left in the cache
+    assert not any(p.name.endswith(".part") for p in cache.rglob("*"))
+
+
+def test_download_cache_is_keyed_by_the_whole_url(tmp_path, cache):
+    for sub, body in (("a", b"first"), ("b", b"second")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "data.bin").write_bytes(body)
+    first = data.download((tmp_path / "a" / "data.bin").as_uri())
+    second = data.download((tmp_path / "b" / "data.bin").as_uri())
+    assert first != second
+    assert first.read_bytes() == b"first" and second.read_bytes() == b"second"
+
+
+def test_html_error_page_is_never_cached(tmp_path, cache):
+    """A server answering with an HTML error page: rejected with the file named, not cached,
+    and the next call (the real file now served) succeeds."""
+    src = tmp_path / "train-images-idx3-ubyte.gz"
+    src.write_bytes(b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>")
+    with pytest.raises(RuntimeError, match="train-images-idx3-ubyte.gz from .* is an HTML page"):
+        data.download(src.as_uri(), kind="gzip")
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+    src.write_bytes(b"not gzip at all")
+    with pytest.raises(RuntimeError, match="is not a gzip file"):
+        data.download(src.as_uri(), kind="gzip")
+    src.write_bytes(gzip.compress(b"ok"))
+    assert gzip.decompress(data.download(src.as_uri(), kind="gzip").read_bytes()) == b"ok"
+
+
+def test_corrupt_cached_file_is_fetched_again(tmp_path, cache):
+    src = tmp_path / "x.zip"
+    src.write_bytes(b"PK\x03\x04 good")
+    path = data.download(src.as_uri(), kind="zip")
+    path.write_bytes(b"<html>bad</html>")  # damaged in the cache
+    assert data.download(src.as_uri(), kind="zip").read_bytes() == b"PK\x03\x04 good"
 
 
 def test_download_offline_error_names_url_and_path(tmp_path, cache):
