@@ -387,9 +387,10 @@ def softmax_jacobian_l1(s: torch.Tensor, alpha: float | torch.Tensor) -> torch.T
     r"""Half the entrywise L1 norm of the Jacobian of ``p = softmax(alpha * s)`` w.r.t. ``s``.
 
     ``dp_i/ds_j = alpha (p_i delta_ij - p_i p_j)``, so ``1/2 sum_ij |dp_i/ds_j| = alpha (1 - sum_i
-    p_i^2)``. ``s``: floating ``[..., n]``; ``alpha >= 0``: a float or a tensor broadcasting to
-    ``s.shape[:-1]``. Returns ``[...]``. ``sum_i p_i^2 = exp(logsumexp(2 log p))`` is computed from
-    ``log_softmax``, so it is exact in the tails and finite for any finite scores.
+    p_i^2) = alpha sum_i p_i (1 - p_i)``. ``s``: floating ``[..., n]``; ``alpha >= 0``: a float or
+    a tensor broadcasting to ``s.shape[:-1]``. Returns ``[...]``. Computed as ``sum_i p_i (1 - p_i)``
+    with ``1 - p_max`` taken as the sum of the other probabilities (never ``1 - sum p_i^2``, which
+    cancels to 0 when one entry dominates): accurate in the tails, finite for any finite scores.
     """
     check_floating("s", s)
     if s.dim() == 0:
@@ -404,9 +405,11 @@ def softmax_jacobian_l1(s: torch.Tensor, alpha: float | torch.Tensor) -> torch.T
         check_range("alpha", alpha, 0.0)
         a = alpha
         logits = alpha * s
-    log_p = torch.log_softmax(logits, dim=-1)
-    collision = torch.logsumexp(2 * log_p, dim=-1).exp()           # sum_i p_i^2 = exp(-H_2)
-    return a * (1 - collision)
+    p = torch.softmax(logits, dim=-1)
+    top = logits.argmax(-1, keepdim=True)
+    rest = p.scatter(-1, top, 0.0).sum(-1, keepdim=True)           # 1 - p_max, without cancelling
+    one_minus = (1 - p).scatter(-1, top, rest)                      # 1 - p_i (p_i <= 1/2 elsewhere)
+    return a * (p * one_minus).sum(-1)
 
 
 def optimal_scale_gaussian(n: int) -> float:

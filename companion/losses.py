@@ -77,6 +77,8 @@ def log_elementary_symmetric(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def _check_multilabel_args(logits, targets, reduction) -> None:
     check_floating("logits", logits)
+    if logits.is_complex():
+        raise TypeError(f"logits: expected a real floating-point tensor, got dtype {logits.dtype}")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__}")
     check_same_shape("logits", logits, "targets", targets)
@@ -104,7 +106,9 @@ def multilabel_categorical_crossentropy(
         L = log(1 + sum_{i in Omega_-} exp(s_i)) + log(1 + sum_{j in Omega_+} exp(-s_j))
 
     computed as two ``logsumexp`` over ``cat([masked scores, 0])``, masking with -inf, so it stays
-    finite at any |s| and in fp16/bf16 (computed in float32, returned in the input dtype). Predict
+    finite at any |s| (fp16/bf16 are computed in float32 and returned in the input dtype: a loss
+    above fp16's largest value, 65504, as from logits of about ±6e4, is inf in fp16; bf16 holds
+    it). Complex logits raise TypeError. Predict
     class i iff ``s_i > 0``. ``reduction``: "none" (shape ``[...]``) | "mean" | "sum" over samples;
     the classes are summed inside the logs, never averaged.
     """

@@ -62,8 +62,12 @@ def test_jacobian_l1_extreme_and_half_precision():
     s = 1e4 * torch.randn(8, 50, generator=g, dtype=torch.float64)
     got = softmax_jacobian_l1(s, 1.0)
     assert torch.isfinite(got).all()
-    p = torch.softmax(s, -1)
-    torch.testing.assert_close(got, 1 - (p * p).sum(-1), rtol=1e-12, atol=1e-300)
+    # independent reference in log space: 1 - sum p_i^2 = sum_{i != j} p_i p_j
+    lp = torch.log_softmax(s, -1)
+    pair = lp[:, :, None] + lp[:, None, :]
+    off = ~torch.eye(50, dtype=torch.bool)
+    ref = torch.logsumexp(pair.masked_fill(~off, float("-inf")).flatten(1), -1).exp()
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-300)
     s = torch.randn(8, 50, generator=g)
     want = softmax_jacobian_l1(s.double(), 2.5)
     for dtype, tol in ((torch.float16, 1e-2), (torch.bfloat16, 5e-2)):
@@ -178,3 +182,16 @@ def test_cosine_optimum_bad_inputs():
         optimal_scale_cosine(1, 128)
     with pytest.raises(ValueError, match="d: expected a value in"):
         optimal_scale_cosine(512, 2)
+
+
+def test_softmax_jacobian_l1_accurate_in_the_tails():
+    """One entry dominates: 1 - sum p^2 would cancel to 0 in float32 (true value ~8e-8)."""
+    s = torch.tensor([0.0, -1.0, -2.0])
+    ref = softmax_jacobian_l1(s.double(), 20.0).item()
+    got = softmax_jacobian_l1(s, 20.0).item()
+    assert 7e-8 < ref < 9e-8
+    assert abs(got - ref) <= 1e-3 * ref, (got, ref)
+    z = (20.0 * s.double())
+    p = z.softmax(-1)
+    jac = 20.0 * (torch.diag(p) - p[:, None] * p[None, :])
+    assert abs(0.5 * jac.abs().sum().item() - ref) <= 1e-6 * ref

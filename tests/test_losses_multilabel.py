@@ -361,3 +361,9 @@ def test_log_ek_bad_inputs():
         log_elementary_symmetric(torch.ones(2, 5, dtype=torch.long), 2)
     with pytest.raises(ValueError, match=r"logits: expected at least 1 dimension"):
         log_elementary_symmetric(torch.tensor(1.0), 1)
+
+
+def test_complex_logits_raise():
+    with pytest.raises(TypeError, match="logits: expected a real floating-point tensor"):
+        multilabel_categorical_crossentropy(torch.randn(2, 3, dtype=torch.complex64),
+                                            torch.zeros(2, 3))
