@@ -651,6 +651,8 @@ def vq_attention(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor, codebook
       detached, as in the paper (values older than one block get no gradient from later queries).
     """
     _vq_check(q, codes, v, codebook, causal, block_size, rel_bias, scale, k_hat)
+    if q.numel() == 0 or v.numel() == 0:  # an empty batch or sequence: an empty result
+        return v * 0
     out_dtype = q.dtype
     work = torch.promote_types(q.dtype, torch.float32)
     q, v, codebook = q.to(work), v.to(work), codebook.to(work)
@@ -726,7 +728,12 @@ class VQAttention(nn.Module):
         if not isinstance(quantizer, nn.Module) or not hasattr(quantizer, "codebook"):
             raise TypeError("quantizer: expected an nn.Module with a .codebook [c, key_size], "
                             f"got {type(quantizer).__name__}")
-        self.key_size, self.block_size = key_size, block_size
+        cb = quantizer.codebook
+        if not isinstance(cb, torch.Tensor) or cb.dim() != 2 or cb.shape[-1] != key_size:
+            got = tuple(cb.shape) if isinstance(cb, torch.Tensor) else type(cb).__name__
+            raise ValueError(f"quantizer: expected a .codebook of shape [c, key_size={key_size}] "
+                             f"(codes live in the key space), got {got}")
+        self.d_model, self.key_size, self.block_size = d_model, key_size, block_size
         self.w_q = nn.Linear(d_model, key_size, bias=False)
         self.w_k = nn.Linear(d_model, key_size, bias=False)
         self.w_v = nn.Linear(d_model, d_model, bias=False)
@@ -735,6 +742,13 @@ class VQAttention(nn.Module):
         self.rel_bias = nn.Parameter(torch.zeros(block_size))
 
     def forward(self, x: torch.Tensor):
+        check_floating("x", x)
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape [B, n, d_model={self.d_model}], "
+                             f"got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:  # an empty batch or sequence: empty results
+            return (self.w_o(self.w_v(x)), torch.zeros(x.shape[:2], dtype=torch.long,
+                    device=x.device), x.new_zeros(()))
         q = F.rms_norm(self.w_q(x), (self.key_size,))
         k = F.rms_norm(self.w_k(x), (self.key_size,))
         k_hat, codes, aux_loss = self.quantizer(k)

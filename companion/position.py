@@ -68,6 +68,20 @@ def _check_freqs(freqs, d: int, x: torch.Tensor) -> torch.Tensor:
     return freqs.to(x.device)
 
 
+def _as_positions(positions, x: torch.Tensor) -> torch.Tensor:
+    """``positions`` as a real tensor on x's device, or a TypeError naming the argument."""
+    if positions is None:
+        raise TypeError("positions: expected a tensor or sequence of token positions, got None")
+    try:
+        positions = torch.as_tensor(positions, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"positions: expected numbers (a tensor or a sequence), got "
+                        f"{type(positions).__name__}") from None
+    if positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions: expected real numbers, got dtype {positions.dtype}")
+    return positions
+
+
 def apply_rope(x: torch.Tensor, positions, freqs: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary position embedding of ``x [..., n, d]`` at ``positions [n]`` (float allowed, or any
     shape broadcastable to ``[..., n]``) with frequencies ``freqs [d/2]`` (default
@@ -75,10 +89,17 @@ def apply_rope(x: torch.Tensor, positions, freqs: torch.Tensor | None = None) ->
     d = _check_rope_input(x)
     freqs = _check_freqs(freqs, d, x)
     dt = _angle_dtype(x)
-    positions = torch.as_tensor(positions, device=x.device)
+    positions = _as_positions(positions, x)
     if positions.dim() == 0 or positions.shape[-1] != x.shape[-2]:
         raise ValueError(f"positions: expected {x.shape[-2]} positions (one per token of x), "
                          f"got shape {tuple(positions.shape)}")
+    try:
+        ok = torch.broadcast_shapes(positions.shape, x.shape[:-1]) == x.shape[:-1]
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"positions: expected a shape that broadcasts to x.shape[:-1] = "
+                         f"{tuple(x.shape[:-1])}, got {tuple(positions.shape)}")
     angles = positions.to(dt)[..., None] * freqs.to(dt)
     return _rotate_pairs(x, angles)
 
@@ -95,7 +116,7 @@ def apply_rope_nd(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor 
     """
     d = _check_rope_input(x)
     check_choice("split", split, ("interleave", "half"))
-    positions = torch.as_tensor(positions, device=x.device)
+    positions = _as_positions(positions, x)
     if positions.dim() != 2 or positions.shape[0] != x.shape[-2]:
         raise ValueError(f"positions: expected shape [{x.shape[-2]}, k] (one row per token), "
                          f"got {tuple(positions.shape)}")

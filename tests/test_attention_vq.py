@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from companion.attention import VQAttention, vq_attention, vq_attention_naive
+from companion.quantize import VectorQuantizer
 
 
 def _data(shape=(2, 3), n=60, dk=6, dv=5, c=7, seed=0, dtype=torch.float64):
@@ -295,3 +296,23 @@ def test_bad_inputs(fn):
         fn(q, codes, v, codebook, scale=0.0)
     with pytest.raises(TypeError, match="q: expected a floating-point tensor"):
         fn(codes, codes, v, codebook)
+
+
+@pytest.mark.parametrize("B, n", [(0, 8), (2, 0), (0, 0)])
+def test_vq_attention_empty_batches(B, n):
+    q, v = torch.randn(B, n, 4), torch.randn(B, n, 5)
+    out = vq_attention(q, torch.zeros(B, n, dtype=torch.long), v, torch.randn(6, 4), block_size=4)
+    assert out.shape == (B, n, 5)
+    layer = VQAttention(8, 4, VectorQuantizer(6, 4), block_size=4)
+    y, codes, aux = layer(torch.randn(B, n, 8))
+    assert y.shape == (B, n, 8) and codes.shape == (B, n) and aux.shape == ()
+
+
+def test_vq_attention_layer_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"quantizer: expected a .codebook of shape \[c, key_size=4\]"):
+        VQAttention(8, 4, VectorQuantizer(6, 5))
+    layer = VQAttention(8, 4, VectorQuantizer(6, 4), block_size=4)
+    with pytest.raises(ValueError, match=r"x: expected shape \[B, n, d_model=8\]"):
+        layer(torch.randn(2, 5, 7))
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        layer(torch.ones(2, 5, 8, dtype=torch.long))

@@ -455,3 +455,17 @@ def test_rerope_attention_bad_inputs():
         rerope_attention(q, q[..., :2], q, 2)
     with pytest.raises(TypeError, match="v: expected a floating-point tensor"):
         rerope_attention(q, q, torch.ones(1, 2, 5, 4, dtype=torch.long), 2)
+
+
+def test_apply_rope_positions_errors_name_the_argument():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(TypeError, match="positions: expected a tensor or sequence"):
+        apply_rope(x, None)
+    with pytest.raises(TypeError, match="positions: expected numbers"):
+        apply_rope(x, "abcd")
+    with pytest.raises(ValueError, match="positions: expected 4 positions"):
+        apply_rope(x, torch.arange(3))
+    with pytest.raises(ValueError, match="positions: expected a shape that broadcasts"):
+        apply_rope(x, torch.arange(4.0).expand(3, 4))
+    with pytest.raises(ValueError, match="positions: expected a shape that broadcasts"):
+        apply_rope(x, torch.arange(4.0)[None, None, None])
