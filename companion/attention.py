@@ -599,20 +599,22 @@ def _code_sums(codes: torch.Tensor, v: torch.Tensor, c: int, offset: int = 0
     one-hot matrix). Group ``b`` lands in slot ``b + offset``; groups pushed past ``g`` are dropped."""
     *batch, g, l = codes.shape
     dv = v.shape[-1]
-    keep = max(g - offset, 0)
-    slot = codes[..., :keep, :].long() + c * torch.arange(offset, offset + keep,
-                                                          device=codes.device)[:, None]
-    slot = slot.reshape(*batch, keep * l)
-    counts = v.new_zeros(*batch, g * c).scatter_add_(-1, slot, v.new_ones(()).expand(slot.shape))
-    sums = v.new_zeros(*batch, g * c, dv).scatter_add_(
-        -2, slot.unsqueeze(-1).expand(*slot.shape, dv), v[..., :keep, :, :].reshape(*batch, -1, dv))
+    # every group is scattered, into g + offset slots, and the last `offset` are dropped: no
+    # zero-size slice when g <= offset (which torch.compile's Inductor cannot lower)
+    slot = codes.long() + c * (torch.arange(g, device=codes.device) + offset)[:, None]
+    slot = slot.reshape(*batch, g * l)
+    size = (g + offset) * c
+    counts = v.new_zeros(*batch, size).scatter_add_(-1, slot, v.new_ones(()).expand(slot.shape))
+    sums = v.new_zeros(*batch, size, dv).scatter_add_(
+        -2, slot.unsqueeze(-1).expand(*slot.shape, dv), v.reshape(*batch, g * l, dv))
+    counts, sums = counts[..., : g * c], sums[..., : g * c, :]
     return counts.reshape(*batch, g, c), sums.reshape(*batch, g, c, dv)
 
 
 def _cumsum_(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Cumulative sum along ``dim``. torch's strided CPU scan over a leading dim is several times
     slower than a loop of in-place slice additions, which is used where no gradient is needed."""
-    if x.requires_grad or x.device.type != "cpu":
+    if x.requires_grad or x.device.type != "cpu" or torch.compiler.is_compiling():
         return x.cumsum(dim)
     for i in range(1, x.shape[dim]):
         x.select(dim, i).add_(x.select(dim, i - 1))
