@@ -291,8 +291,40 @@ def render_toc() -> str:
         if slugs:
             lines += [f"  - caption: {title}", "    chapters:"]
             lines += [f"      - file: notebooks/{s}" for s in slugs]
+    lines += ["  - caption: API reference", "    chapters:", "      - file: book/api/index",
+              "        sections:"]
+    lines += [f"          - file: book/api/{m}" for m in api_modules()]
     lines += ["  - caption: Back matter", "    chapters:", "      - file: book/references"]
     return "\n".join(lines) + "\n"
+
+
+def api_modules() -> list[str]:
+    """The companion modules with a public API (each gets a reference page)."""
+    return ["core"] + sorted(p.stem for p in (ROOT / "companion").glob("*.py")
+                             if not p.stem.startswith("_"))
+
+
+def render_api_page(module: str) -> str:
+    name, path = (("companion", "companion/__init__.py") if module == "core"
+                  else (f"companion.{module}", f"companion/{module}.py"))
+    return "\n".join([
+        f"# `{name}`", "",
+        f"Generated from the docstrings of `{path}` (`python3 tasks.py pages`). "
+        "Each entry gives the signature, the docstring as written (shapes, dtypes and the "
+        "equation it implements) and the notebooks that use it.", "",
+        "```{eval-rst}", f".. automodule:: {name}", "   :members:", "```", ""])
+
+
+def render_api_index() -> str:
+    out = ["# API reference", "",
+           "`companion` is the package the notebooks call. Each module below can be copied into a "
+           "project alone (it needs torch, and numpy/scipy where it says so, plus the small "
+           "`companion/_validate.py`). One page per module, generated from the docstrings; each "
+           "entry links to the notebooks that use it, and each notebook's last cell links back.",
+           ""]
+    for m in api_modules():
+        out.append(f"- [`{'companion' if m == 'core' else 'companion.' + m}`]({m}.md)")
+    return "\n".join(out) + "\n"
 
 
 def kexue_link(a: dict) -> str:
@@ -432,6 +464,11 @@ def render_reproductions() -> str:
 
 def write_pages() -> None:
     (ROOT / "_toc.yml").write_text(render_toc(), encoding="utf-8")
+    api = ROOT / "book" / "api"
+    api.mkdir(exist_ok=True)
+    (api / "index.md").write_text(render_api_index(), encoding="utf-8")
+    for m in api_modules():
+        (api / f"{m}.md").write_text(render_api_page(m), encoding="utf-8")
     (ROOT / "book" / "catalogue.md").write_text(render_catalogue(), encoding="utf-8")
     (ROOT / "book" / "reproductions.md").write_text(render_reproductions(), encoding="utf-8")
 

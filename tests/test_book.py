@@ -16,6 +16,15 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tasks_api_modules():
+    sys.path.insert(0, str(ROOT))
+    import tasks
+
+    return tasks.api_modules()
+
+
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MATHJAX = Path(os.environ.get("COMPANION_MATHJAX", ROOT / ".cache/mathjax/node_modules/mathjax/es5"))
@@ -240,7 +249,10 @@ def test_notebook_page_in_chromium(site, browser, slug):
     assert not [e for e in errors if "MathJax" in e], errors
 
 
-@pytest.mark.parametrize("name", ["intro", "catalogue", "reproductions", "how-to-run"])
+API_PAGES = ["api/index"] + [f"api/{m}" for m in tasks_api_modules()]
+
+
+@pytest.mark.parametrize("name", ["intro", "catalogue", "reproductions", "how-to-run"] + API_PAGES)
 def test_book_page_in_chromium(site, browser, name):
     page = browser.new_page(viewport=VIEWPORT)
     _route_offline(page, site)
@@ -249,3 +261,20 @@ def test_book_page_in_chromium(site, browser, name):
     page.close()
     assert not result["badImages"], f"figures that did not load: {result['badImages']}"
     assert result["dollars"] == 0
+    assert not result["widePre"], f"blocks wider than the column: {result['widePre'][:3]}"
+    assert not result["wideMath"], f"equations wider than the column: {result['wideMath'][:3]}"
+
+
+def test_api_reference_documents_every_public_name(site):
+    """Every name in each module's __all__ has an entry (with its signature) on its page, and
+    each entry used by a notebook links to it."""
+    import importlib
+
+    for m in tasks_api_modules():
+        module = importlib.import_module("companion" if m == "core" else f"companion.{m}")
+        html = (site / "book" / "api" / f"{m}.html").read_text(encoding="utf-8")
+        for name in module.__all__:
+            if callable(getattr(module, name)):
+                assert f'id="{module.__name__}.{name}"' in html, f"{m}: no entry for {name}"
+    losses = (site / "book" / "api" / "losses.html").read_text(encoding="utf-8")
+    assert "Used in:" in losses and "../../notebooks/flatnce.html" in losses
