@@ -462,6 +462,57 @@ def render_reproductions() -> str:
     return "\n".join(out) + "\n"
 
 
+API_CELL_TAG = "companion-api"
+
+
+def companion_names_used(nb_path: Path) -> list[tuple[str, str, bool]]:
+    """(module, name, is_class) of every public companion name a notebook's code uses."""
+    import importlib
+    import inspect
+    import re
+
+    code = "\n".join(_source(c) for c in _notebook_cells(nb_path) if c["cell_type"] == "code")
+    words = set()  # names imported from companion, or used as companion[.module].name
+    for block in re.findall(r"from\s+companion(?:\.\w+)?\s+import\s+(\([^)]*\)|[^\n]+)", code):
+        words |= set(re.findall(r"[A-Za-z_]\w*", block))
+    words |= set(re.findall(r"companion(?:\.\w+)?\.([A-Za-z_]\w*)", code))
+    found = []
+    for m in api_modules():
+        module = importlib.import_module("companion" if m == "core" else f"companion.{m}")
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if name in words and callable(obj):
+                found.append((module.__name__, name, inspect.isclass(obj)))
+    return found
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def render_api_cell(nb_path: Path) -> str:
+    refs = [f"{{py:{'class' if is_class else 'func'}}}`{module}.{name}`"
+            for module, name, is_class in companion_names_used(nb_path)]
+    return ("## The companion code used here\n\n"
+            "Each name links to its entry in the API reference (signature, shapes, the equation "
+            "it implements): " + ", ".join(refs) + ".")
+
+
+def add_api_backlinks(nb_path: Path) -> None:
+    """Write (or refresh) the notebook's last cell: links to the API entries it uses."""
+    import nbformat
+
+    nb = nbformat.read(nb_path, as_version=4)
+    text = render_api_cell(nb_path)
+    cells = [c for c in nb.cells if API_CELL_TAG not in c.get("metadata", {}).get("tags", [])]
+    cell = nbformat.v4.new_markdown_cell(text, metadata={"tags": [API_CELL_TAG]})
+    cell["id"] = API_CELL_TAG
+    if len(cells) + 1 == len(nb.cells) and _source(nb.cells[-1]) == text:
+        return
+    nb.cells = cells + [cell]
+    nbformat.write(nb, nb_path)
+
+
 def write_pages() -> None:
     (ROOT / "_toc.yml").write_text(render_toc(), encoding="utf-8")
     api = ROOT / "book" / "api"
@@ -498,6 +549,7 @@ def cmd_pages(args) -> int:
     for a in articles():
         nb = ROOT / "notebooks" / f"{a['slug']}.ipynb"
         if nb.exists():
+            add_api_backlinks(nb)
             png = last_figure(nb)
             if png:
                 (FIGURES / f"{a['slug']}-ci.png").write_bytes(png)

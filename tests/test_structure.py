@@ -156,3 +156,11 @@ def test_headline_is_glued(path):
     """The reproductions page shows each notebook's headline number from its stored outputs."""
     assert "headline" in tasks.glued_values(path), \
         'call companion.glue("headline", "...") where the headline result is printed'
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_last_cell_links_to_the_api_reference(path):
+    cells = load(path)["cells"]
+    assert tasks.API_CELL_TAG in cells[-1].get("metadata", {}).get("tags", []), \
+        "run: python3 tasks.py pages (adds the API back-link cell)"
+    assert source(cells[-1]) == tasks.render_api_cell(path), "run: python3 tasks.py pages"

@@ -7,21 +7,23 @@ The notebooks link back from their last cell ("The companion functions used here
 """
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def notebook_uses() -> dict[str, list[str]]:
-    """name -> sorted notebook slugs whose code mentions ``name`` as a whole word."""
+    """qualified name -> sorted slugs of the notebooks that import or call it (the same rule as
+    the notebooks' own back-link cells, tasks.companion_names_used)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    import tasks
+
     uses: dict[str, set[str]] = {}
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-        for word in set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", code)):
-            uses.setdefault(word, set()).add(path.stem)
+        for module, name, _ in tasks.companion_names_used(path):
+            uses.setdefault(f"{module}.{name}", set()).add(path.stem)
     return {k: sorted(v) for k, v in uses.items()}
 
 
@@ -31,9 +33,8 @@ def _process_docstring(app, what, name, obj, options, lines):
     if text and any(t.strip() for t in text):
         lines.extend([".. code-block:: text", "   :class: api-docstring", ""]
                      + ["   " + t for t in text] + [""])
-    short = name.rsplit(".", 1)[-1]
-    if what in ("function", "class") and short in app.env.companion_uses:
-        links = ", ".join(f":doc:`/notebooks/{slug}`" for slug in app.env.companion_uses[short])
+    if what in ("function", "class") and name in app.env.companion_uses:
+        links = ", ".join(f":doc:`/notebooks/{slug}`" for slug in app.env.companion_uses[name])
         lines.extend([f"Used in: {links}", ""])
 
 
