@@ -7,20 +7,21 @@ GAU-alpha (kexue.fm/archives/9052) replaces each Attention+FFN pair of a Transfo
 attention units (companion.attention.GatedAttentionUnit, e = 2d, one head of key size s); the
 baseline block is bias-free multi-head attention through F.scaled_dot_product_attention plus a GELU
 FFN whose width makes the parameter counts equal. Both are Post-RMSNorm, causal, without RoPE.
-Prints a markdown table with the median time of forward + backward, the ratio and (on CUDA) the
-peak memory, and the device name.
+Prints a markdown table: median time of forward + backward (round robin, one run), the measured
+ratio beside the ratio the multiply-add counts predict, and the peak memory of each, with the
+device named.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
-
 from companion.attention import GatedAttentionUnit, gau_param_count
-from _common import device_name  # noqa: E402
+from _common import (cuda_peak_bytes, device_name, report_worker_result,  # noqa: E402
+                     round_robin_median, rss_peak_bytes, run_worker)
 
 
 def rms_norm(x, eps=1e-6):
@@ -55,18 +56,34 @@ class GAUPair(nn.Module):
         return x
 
 
-def measure(module, x, device, min_run_time):
+def macs_per_token(d, s, e, d_ff, n, heads_dim_total=None):
+    """Multiply-adds per token of the forward pass (the backward costs about twice as much for
+    both, so the ratio holds for forward + backward): projections plus attention over n keys
+    (counted in full; a causal kernel that skips the masked half halves both attention terms)."""
+    gau = 2 * (d * (2 * e + s) + e * d + n * (s + e))          # two GAU layers
+    mha = 3 * d * d + d * d + 2 * d * d_ff + n * (d + d)       # QKV, O, FFN; QK^T and AV
+    return gau, mha
+
+
+def build(d, s, heads, d_ff, train_length, device, dtype):
+    torch.manual_seed(0)
+    return {"gau": GAUPair(d, s, train_length).to(device, dtype),
+            "mha": MHAFFNBlock(d, heads, d_ff).to(device, dtype)}
+
+
+def step_of(module, x):
     def step():
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
+    return step
 
-    step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = Timer(stmt="step()", globals={"step": step}).blocked_autorange(min_run_time=min_run_time)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return t.median, peak
+
+def worker(args, d_ff):
+    """A fresh process: the peak resident set of one forward+backward of one model (CPU)."""
+    models = build(args.d_model, args.key_size, args.num_heads, d_ff, max(args.lengths),
+                   torch.device("cpu"), getattr(torch, args.dtype))
+    x = torch.randn(args.batch_size, args.worker_length, args.d_model, dtype=getattr(torch, args.dtype))
+    report_worker_result(rss_peak_bytes(step_of(models[args.worker], x)))
 
 
 def main():
@@ -78,38 +95,49 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds (round robin)")
+    p.add_argument("--worker", choices=["gau", "mha"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     d, s = args.d_model, args.key_size
+    e = 2 * d
     p_gau = gau_param_count(d, 2, s)
     d_ff = round((2 * p_gau - 4 * d * d) / (2 * d))   # 4d^2 + 2 d d_ff = 2 (3ed + ds + 2s)
-    torch.manual_seed(0)
-    gau = GAUPair(d, s, train_length=max(args.lengths)).to(device, dtype)
-    block = MHAFFNBlock(d, args.num_heads, d_ff).to(device, dtype)
-    n_gau, n_block = (sum(q.numel() for q in m.parameters()) for m in (gau, block))
+    if args.worker:
+        return worker(args, d_ff)
+    models = build(d, s, args.num_heads, d_ff, max(args.lengths), device, dtype)
+    n_gau, n_block = (sum(q.numel() for q in m.parameters()) for m in models.values())
 
     print(f"device: {device_name(device)} ({device.type}), dtype {args.dtype}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
-    print(f"d_model={d}, key_size={s}, heads={args.num_heads}, batch={args.batch_size}; parameters: "
-          f"2 x GAU {n_gau:,}, MHA+FFN {n_block:,} (d_ff={d_ff})\n")
-    mem = device.type == "cuda"
-    head = "| T | 2 x GAU fwd+bwd | MHA+FFN fwd+bwd | GAU / MHA+FFN |"
-    rule = "|---:|---:|---:|---:|"
-    if mem:
-        head += " GAU peak MiB | MHA+FFN peak MiB |"
-        rule += "---:|---:|"
-    print(head)
-    print(rule)
+    print(f"d_model={d}, key_size={s}, e={e}, heads={args.num_heads}, batch={args.batch_size}; "
+          f"parameters: 2 x GAU {n_gau:,}, MHA+FFN {n_block:,} (d_ff={d_ff})")
+    print("GAU attention runs through SDPA (softmax_plus: the row factor folded into Q); "
+          "'predicted' is the ratio of multiply-adds per token, 'measured / predicted' how far "
+          "GAU's time is from what its FLOPs imply (goal <= 1.1); peak memory of one "
+          "forward+backward (CUDA allocator, or the resident set of a fresh CPU process)\n")
+    print("| T | 2 x GAU fwd+bwd | MHA+FFN fwd+bwd | measured GAU / MHA | predicted (MACs) | "
+          "measured / predicted | GAU peak MiB | MHA+FFN peak MiB | GAU / MHA memory |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.lengths:
         x = torch.randn(args.batch_size, n, d, device=device, dtype=dtype)
-        t_gau, m_gau = measure(gau, x, device, args.min_run_time)
-        t_blk, m_blk = measure(block, x, device, args.min_run_time)
-        row = f"| {n} | {t_gau * 1e3:.2f} ms | {t_blk * 1e3:.2f} ms | {t_gau / t_blk:.2f}x |"
-        if mem:
-            row += f" {m_gau / 2**20:.0f} | {m_blk / 2**20:.0f} |"
-        print(row, flush=True)
+        runs = {k: step_of(m, x) for k, m in models.items()}
+        t = round_robin_median(runs, device, warmup=2, repeats=args.repeats)
+        if device.type == "cuda":
+            mem = {k: cuda_peak_bytes(r, device) for k, r in runs.items()}
+        else:
+            mem = {k: run_worker([sys.executable, __file__, "--device", "cpu", "--dtype", args.dtype,
+                                  "--d-model", str(d), "--key-size", str(s), "--num-heads",
+                                  str(args.num_heads), "--batch-size", str(args.batch_size),
+                                  "--lengths", *map(str, args.lengths), "--worker", k,
+                                  "--worker-length", str(n)]) or 0 for k in runs}
+        mac_gau, mac_mha = macs_per_token(d, s, e, d_ff, n)
+        measured, predicted = t["gau"] / t["mha"], mac_gau / mac_mha
+        print(f"| {n} | {t['gau'] * 1e3:.2f} ms | {t['mha'] * 1e3:.2f} ms | {measured:.2f}x | "
+              f"{predicted:.2f}x | {measured / predicted:.2f} | {mem['gau'] / 2**20:.0f} | "
+              f"{mem['mha'] / 2**20:.0f} | {mem['gau'] / max(mem['mha'], 1):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

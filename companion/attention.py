@@ -120,6 +120,9 @@ class GatedAttentionUnit(nn.Module):
     U = silu(X W_u) [B, n, e],  V = silu(X W_v) [B, n, e],  Z = silu(X W_z) [B, n, s],
     Q, K = scale_offset(Z, gamma, beta),  S = R(Q) R(K)^T / sqrt(s),
     A = gau_attention_normalize(S, mask, normalization, train_length),  O = (U ⊙ (A V)) W_o.
+    "softmax" and "softmax_plus" run through SDPA (``F.scaled_dot_product_attention``, with
+    softmax_plus's row factor folded into Q); "squared_relu", and ``use_sdpa = False``, form A
+    explicitly (the reference the tests compare to).
 
     ``rotary``: optional callable applied to Q and K ``[B, n, s]`` (e.g. RoPE); ``bias=False`` is
     GAU-alpha (no linear biases, no offsets beta). ``gamma`` starts at 1 as in GAU-alpha, or at
@@ -151,6 +154,8 @@ class GatedAttentionUnit(nn.Module):
             self.beta = nn.Parameter(torch.zeros(2, s))
         else:
             self.register_buffer("beta", torch.zeros(2, s), persistent=False)
+        # softmax and softmax_plus run through SDPA; False forces the explicit reference path
+        self.use_sdpa = True
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         check_floating("x", x)
@@ -161,7 +166,6 @@ class GatedAttentionUnit(nn.Module):
         q, k = scale_offset(z, self.gamma, self.beta)                  # Q = Z⊙γ_q+β_q, K = Z⊙γ_k+β_k
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(s)                # S = QK^T / sqrt(s)
         mask = None
         if key_mask is not None:
             if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
@@ -172,8 +176,43 @@ class GatedAttentionUnit(nn.Module):
         if self.causal:
             tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             mask = tri if mask is None else mask & tri
+        if self.normalization == "squared_relu" or not self.use_sdpa:
+            av = self._attend_explicit(q, k, v, mask)
+        else:
+            av = self._attend_sdpa(q, k, v, mask, causal_only=self.causal and key_mask is None)
+        return self.out(u * av)                                        # O = (U ⊙ AV) W_o
+
+    def _attend_explicit(self, q, k, v, mask):
+        """A V with A from the score matrix, normalised by ``gau_attention_normalize`` (the
+        reference path, and the only one for squared_relu)."""
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.key_size)   # S = QK^T / sqrt(s)
         a = gau_attention_normalize(scores, mask, self.normalization, self.train_length)
-        return self.out(u * (a @ v))                                   # O = (U ⊙ AV) W_o
+        return a @ v
+
+    def _attend_sdpa(self, q, k, v, mask, causal_only=False):
+        """A V through SDPA (fused, no score matrix kept for backward on CPU/GPU kernels that
+        support it). softmax_plus's per-row factor log(c)/log(L_train) multiplies the query row,
+        which scales that row's scores alike; rows with no kept key give 0, as in the reference."""
+        s, work = self.key_size, torch.promote_types(q.dtype, torch.float32)
+        if self.normalization == "softmax_plus":
+            if mask is None:
+                count = torch.full((1, 1), float(q.shape[-2]), dtype=work, device=q.device)
+            else:
+                keep = torch.broadcast_to(mask, (q.shape[0], q.shape[-2], k.shape[-2]))
+                count = keep.sum(-1).to(work).clamp(min=1.0)          # c: kept keys per row
+            q = q * (torch.log(count) / math.log(self.train_length)).unsqueeze(-1).to(q.dtype)
+        empty = None
+        if causal_only:  # SDPA's own causal kernel: no mask tensor, masked blocks skipped
+            return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
+                                                  is_causal=True, scale=1.0 / math.sqrt(s))[:, 0]
+        if mask is not None:
+            mask = torch.broadcast_to(mask, (q.shape[0], q.shape[-2], k.shape[-2]))
+            empty = ~mask.any(-1, keepdim=True)                       # rows with no kept key
+            mask = mask | empty                                       # (finite), zeroed below
+            mask = mask[:, None]
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask,
+                                             scale=1.0 / math.sqrt(s))[:, 0]
+        return out if empty is None else out.masked_fill(empty, 0.0)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, expanded={self.expanded}, key_size={self.key_size}, "

@@ -302,3 +302,24 @@ def test_two_gau_layers_match_one_transformer_block():
         gau_param_count(8, 2, 0)
     with pytest.raises(TypeError, match="d_model: expected an int"):
         gau_param_count(8.0, 2, 4)
+
+
+@pytest.mark.parametrize("normalization", ["softmax", "softmax_plus"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gau_sdpa_path_equals_the_explicit_reference(normalization, causal):
+    """forward through SDPA (the default) equals the explicit score-matrix path, values and
+    gradients, with padding and an all-padding sequence."""
+    torch.manual_seed(0)
+    gau = GatedAttentionUnit(32, 2, 16, normalization=normalization, causal=causal,
+                             train_length=8).double()
+    x = torch.randn(3, 10, 32, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    key_mask[1, 6:] = False
+    key_mask[2] = False
+    out = gau(x, key_mask)
+    (g_sdpa,) = torch.autograd.grad(out.square().sum(), x)
+    gau.use_sdpa = False
+    ref = gau(x, key_mask)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_sdpa, g_ref, rtol=1e-10, atol=1e-12)
