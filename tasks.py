@@ -608,47 +608,57 @@ def run_notebook_as_script(path: Path, log_file: Path) -> tuple[bytes | None, fl
 def cmd_full(args) -> int:
     """Run notebooks at full scale (on a GPU), keep their headline figures in
     book/figures/<slug>-full.png and their printed output in book/figures/<slug>-full.log, and
-    record the device and time in book/figures/full-runs.csv. The notebooks' stored (ci-scale)
-    outputs are not touched."""
+    record the device, the time and the glued headline in book/figures/full-runs.csv. The
+    notebooks' stored (ci-scale) outputs are not touched. COMPANION_FULL_OUT=<dir> writes all of
+    it there instead (to run several notebooks at once, each into its own folder, and merge)."""
     import csv
     import datetime
 
     import torch
 
+    import companion
+
     os.environ["COMPANION_SCALE"] = "full"
     os.environ.setdefault("MPLBACKEND", "Agg")
-    FIGURES.mkdir(parents=True, exist_ok=True)
+    out = Path(os.environ.get("COMPANION_FULL_OUT") or FIGURES)
+    out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    runs_path = FIGURES / "full-runs.csv"
     code = 0
     for path in map(Path, args):
         slug = path.stem
-        import companion
-
         companion._GLUED.clear()
         try:
-            png, seconds = run_notebook_as_script(path, FIGURES / f"{slug}-full.log")
+            png, seconds = run_notebook_as_script(path, out / f"{slug}-full.log")
         except Exception as e:  # keep going: one failing notebook must not hide the others
             log(f"{path}: FAILED at full scale: {type(e).__name__}: {e}")
             code = 1
             continue
         if png:
-            (FIGURES / f"{slug}-full.png").write_bytes(png)
-        runs = {}
-        if runs_path.exists():
-            with open(runs_path, encoding="utf-8") as f:
-                runs = {r["slug"]: r for r in csv.DictReader(f)}
-        import companion
-
-        runs[slug] = {"slug": slug, "device": device, "minutes": f"{seconds / 60:.1f}",
-                      "date": datetime.date.today().isoformat(),
-                      "headline": companion.glued().get("headline", "")}
-        with open(runs_path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=["slug", "device", "minutes", "date", "headline"])
-            w.writeheader()
-            w.writerows(sorted(runs.values(), key=lambda r: r["slug"]))
+            (out / f"{slug}-full.png").write_bytes(png)
+        record_full_run(out / "full-runs.csv", {
+            "slug": slug, "device": device, "minutes": f"{seconds / 60:.1f}",
+            "date": datetime.date.today().isoformat(),
+            "headline": companion.glued().get("headline", "")})
         log(f"{path}: full scale on {device} in {seconds / 60:.1f} min")
     return code
+
+
+FULL_RUN_FIELDS = ["slug", "device", "minutes", "date", "headline"]
+
+
+def record_full_run(runs_path: Path, row: dict) -> None:
+    """Add or replace one notebook's row of a full-runs.csv."""
+    import csv
+
+    runs = {}
+    if runs_path.exists():
+        with open(runs_path, encoding="utf-8") as f:
+            runs = {r["slug"]: r for r in csv.DictReader(f)}
+    runs[row["slug"]] = {k: row.get(k, "") for k in FULL_RUN_FIELDS}
+    with open(runs_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FULL_RUN_FIELDS)
+        w.writeheader()
+        w.writerows(sorted(runs.values(), key=lambda r: r["slug"]))
 
 
 COMMANDS = {"book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
