@@ -611,7 +611,6 @@ def cmd_full(args) -> int:
     record the device, the time and the glued headline in book/figures/full-runs.csv. The
     notebooks' stored (ci-scale) outputs are not touched. COMPANION_FULL_OUT=<dir> writes all of
     it there instead (to run several notebooks at once, each into its own folder, and merge)."""
-    import csv
     import datetime
 
     import torch
@@ -661,7 +660,32 @@ def record_full_run(runs_path: Path, row: dict) -> None:
         w.writerows(sorted(runs.values(), key=lambda r: r["slug"]))
 
 
-COMMANDS = {"book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
+def cmd_merge_full(args) -> int:
+    """Merge full-scale runs made elsewhere (benchmarks/gpu_session.sh): each <dir>/full/<slug>/
+    holds <slug>-full.png, <slug>-full.log and a one-row full-runs.csv."""
+    import csv
+
+    if len(args) != 1:
+        log("usage: python3 tasks.py merge-full <folder unpacked from gpu.tar.gz>")
+        return 2
+    merged = 0
+    for folder in sorted((Path(args[0]) / "full").iterdir()):
+        runs = folder / "full-runs.csv"
+        if not runs.exists():
+            log(f"{folder.name}: no record (failed or timed out); see {folder / 'run.txt'}")
+            continue
+        for name in (f"{folder.name}-full.png", f"{folder.name}-full.log"):
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, FIGURES / name)
+        with open(runs, encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                record_full_run(FIGURES / "full-runs.csv", row)
+                merged += 1
+    log(f"merged {merged} full-scale runs into {FIGURES / 'full-runs.csv'}")
+    return 0
+
+
+COMMANDS = {"merge-full": cmd_merge_full, "book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
             "pages": cmd_pages, "full": cmd_full, "lock": cmd_lock}
 
 
