@@ -250,17 +250,35 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int], *,
     _check_real("codes", codes)
     _check_last_dim("codes", codes, len(levels), "len(levels)")
     t = _fsq_constant_tensors(levels)
-    units = t["half_width"] if variant == "tanh" else t["scale"] / 2   # level units per code unit
-    units, L = units.to(codes.device), t["scale"].to(codes.device) + 1
-    c = (codes.detach().to(torch.float64) + 1) * units                 # level index, ideally integer
-    c_int = c.round()
-    tol = _grid_tolerance(codes.dtype, float(units.max()))
-    bad = ((c - c_int).abs() > tol) | (c_int < 0) | (c_int > L - 1) | ~torch.isfinite(c)
-    if bool(bad.any()):
-        first = codes.detach().reshape(-1, len(levels))[bad.reshape(-1, len(levels)).any(-1)][0]
+    d = len(levels)
+    # float32 is exact for these small integers; float64 for float64 input or K > 2^24
+    work = torch.float64 if codes.dtype == torch.float64 or math.prod(levels) > 2**24 \
+        else torch.float32
+    units = (t["half_width"] if variant == "tanh" else t["scale"] / 2).to(codes.device, work)
+    top = t["scale"].to(codes.device, work)                              # L - 1 per channel
+    x = codes.detach().reshape(-1, d)
+    # elementwise work on rows of 64 values (16 codes of 4 channels), not of d: a broadcast over a
+    # last dim of 4 runs several times slower than over a wide one
+    rep = max(1, 64 // d)
+    wide = x.numel() % (d * rep) == 0
+    u, hi_ok = (units.repeat(rep), top.repeat(rep)) if wide else (units, top)
+    c = torch.addcmul(u, x.to(work).reshape(-1, u.numel()), u)          # (code + 1) * units
+    c_int = c.round()                                                   # level index
+    ok = True
+    if c.numel():
+        dev = (c - c_int).abs_().amax()                                 # NaN / inf propagate
+        ok = bool(dev <= _grid_tolerance(codes.dtype, float(units.max())))
+        ok = ok and bool(c_int.amin() >= 0) and bool((c_int - hi_ok).amax() <= 0)
+    c, c_int = c.reshape(-1, d), c_int.reshape(-1, d)
+    if not ok:
+        tol = _grid_tolerance(codes.dtype, float(units.max()))
+        bad = ((c - c_int).abs() > tol) | (c_int < 0) | (c_int > top) | ~torch.isfinite(c)
+        first = x[bad.any(-1)][0]
         raise ValueError(f"codes: expected values on the FSQ grid of levels {list(levels)} "
                          f"(variant={variant!r}), got the code {first.tolist()}")
-    return (c_int.to(torch.int64) * t["basis"].to(codes.device)).sum(-1)
+    # sum_i c_i basis_i: a matrix-vector product, exact (integer partial sums below 2^24 / 2^53)
+    idx = c_int @ t["basis"].to(codes.device, work)
+    return idx.to(torch.int64).reshape(codes.shape[:-1])
 
 
 def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int], *,
