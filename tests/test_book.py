@@ -198,26 +198,36 @@ def _open(browser, site: Path, rel: str):
     return page, errors
 
 
+@pytest.fixture(scope="module")
+def notebook_page(site, browser):
+    """Each notebook page opened once at 1400 x 1000 (MathJax done), its checks evaluated."""
+    cache = {}
+
+    def get(slug):
+        if slug not in cache:
+            page, errors = _open(browser, site, f"notebooks/{slug}.html")
+            page.wait_for_function(
+                "() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                timeout=30_000)
+            cache[slug] = (page.evaluate(CHECK_JS), errors)
+            page.close()
+        return cache[slug]
+    return get
+
+
 @pytest.mark.parametrize("slug", NOTEBOOKS)
-def test_notebook_fits_the_column(site, browser, slug):
+def test_notebook_fits_the_column(notebook_page, slug):
     """At 1400 x 1000 no display equation and no code or output block is wider than its column."""
-    page, _ = _open(browser, site, f"notebooks/{slug}.html")
-    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
-                           timeout=30_000)
-    result = page.evaluate(CHECK_JS)
-    page.close()
+    result, _ = notebook_page(slug)
     assert not result["wideMath"], f"display equations wider than the column: {result['wideMath']}"
     assert not result["widePre"], (f"{len(result['widePre'])} code/output blocks wider than the "
                                    f"column, e.g. {result['widePre'][:3]}")
 
 
 @pytest.mark.parametrize("slug", NOTEBOOKS)
-def test_equations_numbered_per_notebook(site, browser, slug):
+def test_equations_numbered_per_notebook(notebook_page, slug):
     """Each notebook numbers its equations (1), (2), ... on its own page."""
-    page, _ = _open(browser, site, f"notebooks/{slug}.html")
-    result = page.evaluate(CHECK_JS)
-    page.close()
-    numbers = result["eqnos"]
+    numbers = notebook_page(slug)[0]["eqnos"]
     if numbers:
         assert numbers == [str(i) for i in range(1, len(numbers) + 1)], numbers
 
@@ -233,15 +243,8 @@ def test_chinese_title_renders_with_real_glyphs(site, browser):
 
 
 @pytest.mark.parametrize("slug", NOTEBOOKS)
-def test_notebook_page_in_chromium(site, browser, slug):
-    page = browser.new_page(viewport=VIEWPORT)
-    _route_offline(page, site)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto((site / "notebooks" / f"{slug}.html").as_uri(), wait_until="load")
-    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=30_000)
-    result = page.evaluate(CHECK_JS)
-    page.close()
+def test_notebook_page_in_chromium(notebook_page, slug):
+    result, errors = notebook_page(slug)
     assert result["typeset"] > 0, "MathJax typeset nothing"
     assert not result["rawMath"], f"math left untypeset: {result['rawMath'][:5]}"
     assert result["dollars"] == 0, "raw $$ left in the page"
