@@ -373,6 +373,11 @@ def fit_attention_matrix(target: torch.Tensor, key_size: int, steps: int = 500, 
     weights before the softmax, ``S = sum_j lambda_j Q_j K_j^T``, i.e. one talking-heads output head)
     are fitted by Adam to the mean row ``KL(target || softmax(S))``, in the dtype of ``target``.
     Returns ``(mean KL over rows and targets, fitted P [..., n, n])``.
+
+    Note: with free per-head Q_j, K_j, ``sum_j lambda_j Q_j K_j^T = [l_1 Q_1 .. l_h Q_h][K_1 ..
+    K_h]^T`` is exactly one head of key size ``h * key_size``: this fits what one mixed output
+    head can express, not what h heads sharing their Q, K across several mixed outputs can
+    (the talking-heads setting, fitted jointly in the attention-low-rank-bottleneck notebook).
     """
     check_floating("target", target)
     if target.dim() < 2 or target.shape[-1] != target.shape[-2]:
