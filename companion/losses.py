@@ -731,6 +731,8 @@ def normalized_gradient_combine(losses, params, *, eps: float = 1e-12) -> list[t
     shifting of every loss. ``losses``: a 1-D tensor ``[n]`` or a sequence of scalar tensors, each
     differentiable w.r.t. ``params`` (an iterable of tensors with requires_grad). The norm of task i
     is taken over all of ``params``; a task whose gradient norm is below ``eps`` contributes nothing.
+    For the article's theta pass the shared parameters (the trunk); each task head can take its
+    own task's plain gradient separately.
     Costs one backward pass per task (the graph is retained between them and freed after the last).
     Returns one tensor per parameter, to assign to ``.grad`` before ``optimizer.step()``.
     """
