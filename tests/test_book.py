@@ -145,6 +145,11 @@ async () => {
   const widePre = Array.from(main.querySelectorAll('pre')).filter(p =>
     p.scrollWidth > p.clientWidth + 1 || p.getBoundingClientRect().right > colRight + 1
   ).map(p => describe(p));
+  // tables wider than the column (their wrapper would scroll sideways)
+  const wideTables = Array.from(main.querySelectorAll('table')).filter(t =>
+    t.getBoundingClientRect().right > colRight + 1 ||
+    (t.parentElement && t.parentElement.scrollWidth > t.parentElement.clientWidth + 1)
+  ).map(t => describe(t));
   const eqnos = Array.from(main.querySelectorAll('span.eqno')).map(e => e.textContent.replace(/[^0-9.]/g, ''));
   const imgs = Array.from(main.querySelectorAll('img'));
   await Promise.all(imgs.map(img => img.complete ? null : new Promise(r => { img.onload = img.onerror = r; })));
@@ -159,6 +164,7 @@ async () => {
     badImages: imgs.filter(img => !(img.naturalWidth > 0)).map(img => img.getAttribute('src').slice(0, 80)),
     wideMath: wideMath,
     widePre: widePre,
+    wideTables: wideTables,
     eqnos: eqnos,
   };
 }
@@ -265,6 +271,7 @@ def test_book_page_in_chromium(site, browser, name):
     assert not result["badImages"], f"figures that did not load: {result['badImages']}"
     assert result["dollars"] == 0
     assert not result["widePre"], f"blocks wider than the column: {result['widePre'][:3]}"
+    assert not result["wideTables"], f"tables wider than the column: {result['wideTables'][:2]}"
     assert not result["wideMath"], f"equations wider than the column: {result['wideMath'][:3]}"
 
 
