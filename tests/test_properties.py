@@ -52,6 +52,21 @@ def _scores(n, margin=None, dtype=torch.float32):
 
 
 EMB = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+_G = torch.Generator().manual_seed(1)
+W4 = [torch.randn(8, 8, generator=_G) / 3 for _ in range(4)]
+CODEBOOK = torch.randn(5, 4, generator=_G)
+A_RNN = 0.5 * torch.randn(3, 3, generator=_G)
+
+
+def _seq(n, margin=None, dtype=torch.float32):
+    """[1, 2 heads, n tokens, 8] queries (keys and values derived from them)."""
+    g = torch.Generator().manual_seed(n)
+    return (torch.randn(1, 2, n, 8, generator=g).to(dtype),)
+
+
+def _tokens(n, margin=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(n)
+    return (torch.randn(2, n, 8, generator=g).to(dtype),)
 
 # name: (function, inputs(n, margin, dtype) -> tuple of tensors (first floating one is
 #        differentiated), extra kwargs, is a training loss)
@@ -76,7 +91,32 @@ CASES = {
     "softmax_jacobian_l1": (lambda x: A.softmax_jacobian_l1(x, 2.0), _scores, {}, False),
     "linear_scan": (lambda x: R.linear_scan(0.5 * torch.ones_like(x)[None], x[None]), _scores,
                     {}, False),
+    "log_elementary_symmetric": (lambda x: L.log_elementary_symmetric(x, 3), _scores, {}, False),
+    "iterative_soft_topk": (lambda x: L.iterative_soft_topk(x, 2, 0.5), _scores, {}, False),
+    "nt_xent_scores": (lambda x: L.nt_xent_scores(x, x.flip(0), 0.5)[0], _scores, {}, False),
+    "infonce_on_nt_xent_scores": (lambda x: L.infonce_loss(*L.nt_xent_scores(x, x + 0.1, 0.5)),
+                                  _scores, {}, True),
+    "vq_quantize": (lambda x: Q.vq_quantize(x[:, :4], CODEBOOK)[0], _scores, {}, False),
+    "gau_attention_normalize": (lambda x: A.gau_attention_normalize(x[None], None,
+                                                                    "softmax_plus", 8),
+                                _scores, {}, False),
+    "multihead_attention": (lambda x: A.multihead_attention(x, *W4, num_heads=2, causal=True),
+                            _tokens, {}, False),
+    "gated_attention_unit": (lambda x: _GAU(x), _tokens, {}, False),
+    "mixed_direction_attention": (lambda q: A.mixed_direction_attention(q, q.flip(-1), q, 1),
+                                  _seq, {}, False),
+    "rerope_attention": (lambda q: P.rerope_attention(q, q.flip(-1), q, window=3), _seq, {},
+                         False),
+    "vq_attention": (lambda q: A.vq_attention(q[..., :4], torch.zeros(q.shape[:-1],
+                                                                        dtype=torch.long),
+                                              q, CODEBOOK, block_size=4), _seq, {}, False),
+    "tanh_rnn_sequential": (lambda x: R.tanh_rnn_sequential(A_RNN, x[None, :, :3]), _scores,
+                            {}, False),
+    "rnn_fixed_point_iterate": (lambda x: R.rnn_fixed_point_iterate(A_RNN, x[None, :, :3], 3),
+                                _scores, {}, False),
 }
+torch.manual_seed(0)
+_GAU = A.GatedAttentionUnit(8, 2, 4, causal=True, train_length=8)
 TRAINING = [k for k, c in CASES.items() if c[3]]
 
 
