@@ -5,6 +5,10 @@ float32 and bf16, and the training-path functions trace under ``torch.compile`` 
 ``aot_eager`` backend, dynamic shapes) to the eager result at two sizes. A new function joins by
 adding a row to CASES."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from companion import losses as L
 from companion import position as P
 from companion import quantize as Q
 from companion import rnn as R
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cls(n, v=7, margin=None, dtype=torch.float32):
@@ -160,17 +166,32 @@ def test_traces_under_torch_compile_with_changing_shapes(name):
         torch.testing.assert_close(compiled(*args), fn(*args, **kw), rtol=1e-5, atol=1e-6)
 
 
+INDUCTOR_CHECK = """
+import torch
+from companion import attention as A
+f = torch.compile(lambda q, c, v, cb: A.vq_attention(q, c, v, cb, block_size=16))
+g = torch.Generator().manual_seed(0)
+for n in (40, 24):
+    q, v = torch.randn(2, n, 8, generator=g), torch.randn(2, n, 8, generator=g)
+    cb, codes = torch.randn(5, 8, generator=g), torch.randint(0, 5, (2, n), generator=g)
+    torch.testing.assert_close(f(q, codes, v, cb),
+                               A.vq_attention(q, codes, v, cb, block_size=16),
+                               rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
 def test_vq_attention_compiles_with_inductor_for_changing_lengths():
     """Inductor (C++ codegen): lengths above and at most twice the block size, as in training
-    with a changing sequence length. Needs a C++ compiler (CI installs g++)."""
-    torch._dynamo.reset()
-    f = torch.compile(lambda q, c, v, cb: A.vq_attention(q, c, v, cb, block_size=16))
-    g = torch.Generator().manual_seed(0)
-    for n in (40, 24):
-        q, v = torch.randn(2, n, 8, generator=g), torch.randn(2, n, 8, generator=g)
-        cb, codes = torch.randn(5, 8, generator=g), torch.randint(0, 5, (2, n), generator=g)
-        torch.testing.assert_close(f(q, codes, v, cb), A.vq_attention(q, codes, v, cb, block_size=16),
-                                   rtol=1e-5, atol=1e-5)
+    with a changing sequence length. Needs a C++ compiler (CI installs g++). Run in a fresh
+    process on the machine's own CPU capability: the notebook tests force
+    ATEN_CPU_CAPABILITY=default, under which torch 2.13's Inductor emits vector code that its
+    own headers do not declare (a torch issue, not companion's)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", INDUCTOR_CHECK], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
