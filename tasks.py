@@ -19,6 +19,8 @@ Helpers:
     python3 tasks.py bench [name]                            run the benchmarks in benchmarks/
     python3 tasks.py lock                                    re-resolve requirements.lock from
                                                              requirements.txt (a universal lock)
+    python3 tasks.py corpus                                  rebuild companion/corpus/ from this
+                                                             interpreter's standard library
 """
 from __future__ import annotations
 
@@ -242,6 +244,54 @@ def cmd_lock(args) -> int:
               f"# (tasks.py installs {CPU_TORCH} where there is no GPU)."]
     LOCK.write_text("\n".join(header + keep) + "\n")
     log(f"wrote {LOCK.name}: {len(keep)} pinned packages")
+    return 0
+
+
+# The language-model notebooks' text corpus (companion.data.stdlib_text) is frozen: these
+# modules' docstrings and sources as CPython 3.11.7 ships them. `corpus` rebuilds the files from
+# the running interpreter; on another Python the checksums change, and companion/data.py's
+# _CORPUS_SHA256 must then be updated with the ones it prints.
+STDLIB_MODULES = (
+    "abc", "argparse", "ast", "base64", "bisect", "calendar", "colorsys", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum",
+    "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip",
+    "heapq", "hmac", "imaplib", "inspect", "ipaddress", "locale", "logging/__init__",
+    "mailbox", "mimetypes", "numbers", "opcode", "operator", "optparse", "pathlib", "pickle",
+    "pprint", "queue", "random", "reprlib", "sched", "secrets", "selectors", "shlex",
+    "shutil", "smtplib", "socket", "statistics", "string", "subprocess", "tarfile",
+    "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing",
+    "uuid", "warnings", "weakref", "zipfile",
+)
+
+
+def live_stdlib_text(kind: str) -> str:
+    """The corpus as read from the running interpreter's standard library."""
+    import ast
+
+    root = Path(os.__file__).resolve().parent
+    parts: list[str] = []
+    for name in STDLIB_MODULES:
+        path = next(p for p in (root / f"{name}.py", root / name / "__init__.py") if p.is_file())
+        src = path.read_text(encoding="utf-8", errors="replace")
+        if kind == "source":
+            parts.append(src)
+            continue
+        tree = ast.parse(src)
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(
+            n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        parts += [ast.get_docstring(n).strip() for n in nodes if ast.get_docstring(n)]
+    return "\n\n".join(parts)
+
+
+def cmd_corpus(args) -> int:
+    import gzip
+
+    for kind in ("docstrings", "source"):
+        raw = live_stdlib_text(kind).encode("utf-8")
+        path = ROOT / "companion" / "corpus" / f"stdlib_{kind}.txt.gz"
+        path.write_bytes(gzip.compress(raw, 9, mtime=0))
+        log(f"{path.name}: {len(raw.decode('utf-8')):,} characters, "
+            f"sha256 {hashlib.sha256(raw).hexdigest()}")
     return 0
 
 
@@ -676,7 +726,8 @@ def cmd_merge_full(args) -> int:
 
 
 COMMANDS = {"merge-full": cmd_merge_full, "book": cmd_book, "test": cmd_test, "execute": cmd_execute, "bench": cmd_bench,
-            "pages": cmd_pages, "full": cmd_full, "lock": cmd_lock}
+            "pages": cmd_pages, "full": cmd_full, "lock": cmd_lock,
+            "corpus": cmd_corpus}
 
 
 def main() -> int:

@@ -56,7 +56,7 @@ class GAUPair(nn.Module):
         return x
 
 
-def macs_per_token(d, s, e, d_ff, n, heads_dim_total=None):
+def macs_per_token(d, s, e, d_ff, n):
     """Multiply-adds per token of the forward pass (the backward costs about twice as much for
     both, so the ratio holds for forward + backward): projections plus attention over n keys
     (counted in full; a causal kernel that skips the masked half halves both attention terms)."""

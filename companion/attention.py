@@ -201,10 +201,10 @@ class GatedAttentionUnit(nn.Module):
                 keep = torch.broadcast_to(mask, (q.shape[0], q.shape[-2], k.shape[-2]))
                 count = keep.sum(-1).to(work).clamp(min=1.0)          # c: kept keys per row
             q = q * (torch.log(count) / math.log(self.train_length)).unsqueeze(-1).to(q.dtype)
-        empty = None
         if causal_only:  # SDPA's own causal kernel: no mask tensor, masked blocks skipped
             return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
                                                   is_causal=True, scale=1.0 / math.sqrt(s))[:, 0]
+        empty = None
         if mask is not None:
             mask = torch.broadcast_to(mask, (q.shape[0], q.shape[-2], k.shape[-2]))
             empty = ~mask.any(-1, keepdim=True)                       # rows with no kept key

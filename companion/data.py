@@ -12,7 +12,6 @@ Full scale (network, cached under ``cache_dir()``; nothing downloads on import o
 """
 from __future__ import annotations
 
-import ast
 import gzip
 import hashlib
 import math
@@ -93,51 +92,14 @@ def augment_digits(x: torch.Tensor, *, max_shift: int = 1, noise_std: float = 0.
 # The text corpus of the language-model notebooks: the docstrings and the sources of a fixed,
 # sorted list of pure-Python standard-library modules, frozen from CPython 3.11.7 and shipped as
 # package data (companion/corpus/, beside the Python Software Foundation licence that covers it),
-# so that every Python version reads the same characters. `_live_stdlib_text` shows how the
-# files were made; it reads the running interpreter's library, which changes between releases.
-_STDLIB_MODULES = (
-    "abc", "argparse", "ast", "base64", "bisect", "calendar", "colorsys", "configparser",
-    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum",
-    "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip",
-    "heapq", "hmac", "imaplib", "inspect", "ipaddress", "locale", "logging/__init__",
-    "mailbox", "mimetypes", "numbers", "opcode", "operator", "optparse", "pathlib", "pickle",
-    "pprint", "queue", "random", "reprlib", "sched", "secrets", "selectors", "shlex",
-    "shutil", "smtplib", "socket", "statistics", "string", "subprocess", "tarfile",
-    "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing",
-    "uuid", "warnings", "weakref", "zipfile",
-)
+# so that every Python version reads the same characters. `python3 tasks.py corpus` rebuilds the
+# files from the running interpreter and prints their checksums.
 _CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 _CORPUS_SHA256 = {
     "docstrings": "958336f1a733b7066311d241b271247f997575abbb1ccbce7f791fbe8bee7946",
     "source": "ae535706cfc7b240105d6372738c87c1961c7f97842e3a4af4f5daac5650c622",
 }
 _CORPUS_CACHE: dict[str, str] = {}
-
-
-def _stdlib_sources() -> Iterator[tuple[str, str]]:
-    root = Path(os.__file__).resolve().parent
-    for name in _STDLIB_MODULES:
-        for candidate in (root / f"{name}.py", root / name / "__init__.py"):
-            if candidate.is_file():
-                yield name, candidate.read_text(encoding="utf-8", errors="replace")
-                break
-
-
-def _live_stdlib_text(kind: str) -> str:
-    """The corpus as read from the running interpreter (how companion/corpus/ was made)."""
-    parts: list[str] = []
-    for _, src in _stdlib_sources():
-        if kind == "source":
-            parts.append(src)
-            continue
-        tree = ast.parse(src)
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(
-            n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-        for node in nodes:
-            doc = ast.get_docstring(node)
-            if doc:
-                parts.append(doc.strip())
-    return "\n\n".join(parts)
 
 
 def stdlib_text(kind: str = "docstrings", *, max_chars: int | None = None) -> str:
@@ -331,20 +293,23 @@ def _sha256(path: Path) -> str:
 _MAGIC = {"gzip": b"\x1f\x8b", "zip": b"PK\x03\x04"}
 
 
-def _check_file(path: Path, url: str, kind: str | None, name: str | None = None) -> None:
-    """Raise ValueError, naming the file and the URL, when ``path`` is not what was asked for:
-    an HTML page (a server's error page) where a data file was expected, or a file whose first
-    bytes are not those of ``kind`` ("gzip" or "zip")."""
-    name = name or path.name
+def _file_problem(path: Path, url: str, name: str, kind: str | None,
+                  sha256: str | None) -> str | None:
+    """Why the file at ``path`` is not what ``url`` should give, or None: a checksum that differs
+    from ``sha256``, an HTML page (a server's error page) where a data file was expected, or
+    first bytes that are not those of ``kind`` ("gzip" or "zip")."""
+    if sha256 is not None:
+        got = _sha256(path)
+        if got != sha256:
+            return f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}"
     with open(path, "rb") as f:
         head = f.read(512)
     if not name.lower().endswith((".htm", ".html")) and \
             head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-        raise ValueError(f"{name} from {url} is an HTML page (a server's error page?), "
-                         "not the data file")
+        return f"{name} from {url} is an HTML page (a server's error page?), not the data file"
     if kind is not None and not head.startswith(_MAGIC[kind]):
-        raise ValueError(f"{name} from {url} is not a {kind} file "
-                         f"(it starts with {head[:8]!r})")
+        return f"{name} from {url} is not a {kind} file (it starts with {head[:8]!r})"
+    return None
 
 
 def download(url: str, *, sha256: str | None = None, filename: str | None = None,
@@ -369,13 +334,9 @@ def download(url: str, *, sha256: str | None = None, filename: str | None = None
     target = cache_dir() / key / name
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file():
-        try:
-            if sha256 is not None and _sha256(target) != sha256:
-                raise ValueError("checksum")
-            _check_file(target, url, kind)
+        if _file_problem(target, url, name, kind, sha256) is None:
             return target
-        except ValueError:
-            target.unlink()  # stale or corrupt: fetch again
+        target.unlink()  # stale or corrupt: fetch again
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
     try:
         try:
@@ -391,14 +352,9 @@ def download(url: str, *, sha256: str | None = None, filename: str | None = None
                 f"could not download {url} into {target} ({e}). Run this once where the network is "
                 f"reachable, or place the file at that path by hand."
             ) from e
-        if sha256 is not None:
-            got = _sha256(Path(tmp))
-            if got != sha256:
-                raise RuntimeError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}")
-        try:
-            _check_file(Path(tmp), url, kind, name)
-        except ValueError as e:
-            raise RuntimeError(f"download of {name} rejected, not cached: {e}") from None
+        problem = _file_problem(Path(tmp), url, name, kind, sha256)
+        if problem is not None:
+            raise RuntimeError(f"download of {name} rejected, not cached: {problem}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

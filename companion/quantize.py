@@ -264,14 +264,11 @@ def fsq_codes_to_indices(codes: torch.Tensor, levels: Sequence[int], *,
     u, hi_ok = (units.repeat(rep), top.repeat(rep)) if wide else (units, top)
     c = torch.addcmul(u, x.to(work).reshape(-1, u.numel()), u)          # (code + 1) * units
     c_int = c.round()                                                   # level index
-    ok = True
-    if c.numel():
-        dev = (c - c_int).abs_().amax()                                 # NaN / inf propagate
-        ok = bool(dev <= _grid_tolerance(codes.dtype, float(units.max())))
-        ok = ok and bool(c_int.amin() >= 0) and bool((c_int - hi_ok).amax() <= 0)
+    tol = _grid_tolerance(codes.dtype, float(units.max()))
+    ok = c.numel() == 0 or (bool((c - c_int).abs_().amax() <= tol)   # NaN / inf propagate
+                            and bool(c_int.amin() >= 0) and bool((c_int - hi_ok).amax() <= 0))
     c, c_int = c.reshape(-1, d), c_int.reshape(-1, d)
     if not ok:
-        tol = _grid_tolerance(codes.dtype, float(units.max()))
         bad = ((c - c_int).abs() > tol) | (c_int < 0) | (c_int > top) | ~torch.isfinite(c)
         first = x[bad.any(-1)][0]
         raise ValueError(f"codes: expected values on the FSQ grid of levels {list(levels)} "
@@ -315,8 +312,9 @@ class FSQ(nn.Module):
 
     forward: z [..., dim] -> z_q [..., dim] (dtype of z), indices int64 [...] in {0..K-1}, and a
     zero aux_loss (FSQ needs no auxiliary loss). A vector with a NaN or infinite entry gets the
-    index -1 (its code is NaN). The constants stay float32 after ``.half()``/``.bfloat16()``. ``codebook_size`` is K = prod(levels) and
-    ``codebook`` the implicit grid of codes [K, d] (before ``project_out``), row k = code of index k.
+    index -1 (its code is NaN). The constants stay float32 after ``.half()``/``.bfloat16()``.
+    ``codebook_size`` is K = prod(levels) and ``codebook`` the implicit grid of codes [K, d]
+    (before ``project_out``), row k = code of index k.
     """
 
     def __init__(self, levels: Sequence[int], dim: int | None = None, variant: str = "tanh"):

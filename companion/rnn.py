@@ -242,7 +242,9 @@ def _step_and_jacobian(step, h: torch.Tensor, u: torch.Tensor):
         try:  # rows[i, n] = e_i^T J_n
             (rows,) = torch.autograd.grad(f, h, cotangents, retain_graph=True,
                                           is_grads_batched=True)
-        except (RuntimeError, NotImplementedError):
+        except RuntimeError:
+            # vmap refuses some backward code, e.g. a custom autograd.Function whose backward
+            # writes the (batched) gradient in place into an unbatched tensor: one vjp per row
             rows = torch.stack([torch.autograd.grad(f, h, cotangents[i], retain_graph=True)[0]
                                 for i in range(H)])
     return f.detach(), rows.transpose(0, 1)

@@ -15,14 +15,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+import tasks
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tasks_api_modules():
-    sys.path.insert(0, str(ROOT))
-    import tasks
-
-    return tasks.api_modules()
 
 
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
@@ -258,14 +253,12 @@ def test_notebook_page_in_chromium(notebook_page, slug):
     assert not [e for e in errors if "MathJax" in e], errors
 
 
-API_PAGES = ["api/index"] + [f"api/{m}" for m in tasks_api_modules()]
+API_PAGES = ["api/index"] + [f"api/{m}" for m in tasks.api_modules()]
 
 
 @pytest.mark.parametrize("name", ["intro", "catalogue", "reproductions", "how-to-run"] + API_PAGES)
 def test_book_page_in_chromium(site, browser, name):
-    page = browser.new_page(viewport=VIEWPORT)
-    _route_offline(page, site)
-    page.goto((site / "book" / f"{name}.html").as_uri(), wait_until="load")
+    page, _ = _open(browser, site, f"book/{name}.html")
     result = page.evaluate(CHECK_JS)
     page.close()
     assert not result["badImages"], f"figures that did not load: {result['badImages']}"
@@ -280,7 +273,7 @@ def test_api_reference_documents_every_public_name(site):
     each entry used by a notebook links to it."""
     import importlib
 
-    for m in tasks_api_modules():
+    for m in tasks.api_modules():
         module = importlib.import_module("companion" if m == "core" else f"companion.{m}")
         html = (site / "book" / "api" / f"{m}.html").read_text(encoding="utf-8")
         for name in module.__all__:

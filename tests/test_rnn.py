@@ -515,3 +515,32 @@ def test_deer_double_backward_raises():
         torch.autograd.grad(out.pow(2).sum(), A, create_graph=True)
     (gA,) = torch.autograd.grad(out.pow(2).sum(), A)  # first order still works
     assert torch.isfinite(gA).all()
+
+
+class _InPlaceTanh(torch.autograd.Function):
+    """tanh whose backward multiplies in place into an unbatched tensor: vmap (and so the
+    batched Jacobian) refuses it, and deer_solve takes one vjp per row instead."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return (1 - y * y).mul_(g)
+
+
+def test_deer_cell_that_vmap_refuses_uses_row_by_row_jacobians():
+    g = gen(7)
+    A = random_A(3, 0.9, g)
+    u = torch.randn(2, 6, 3, generator=g, dtype=F64)
+    h = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+    f = _InPlaceTanh.apply(h @ A.T + u[:, 0])
+    eye = torch.eye(3, dtype=F64).unsqueeze(1).expand(3, *f.shape)
+    with pytest.raises(RuntimeError, match="vmap"):  # the batched path really is refused
+        torch.autograd.grad(f, h, eye, is_grads_batched=True)
+    out = deer_solve(lambda h, x: _InPlaceTanh.apply(h @ A.T + x), torch.zeros(2, 3, dtype=F64), u)
+    torch.testing.assert_close(out, tanh_rnn_sequential(A, u), rtol=0, atol=1e-12)
