@@ -233,6 +233,8 @@ def cmd_lock(args) -> int:
         torch_pin = Path(tmp) / "torch.txt"
         torch_pin.write_text(CPU_TORCH + "\n")
         raw = Path(tmp) / "lock.txt"
+        if LOCK.exists():  # uv keeps the versions already pinned unless a requirement moved
+            raw.write_text(LOCK.read_text())
         run([uv, "pip", "compile", ROOT / "requirements.txt", "--universal", "--python-version",
              "3.11", "--fork-strategy", "fewest", "-c", torch_pin, "--no-emit-package", "torch",
              "--no-header", "--no-annotate", "-q", "-o", raw])
