@@ -1,0 +1,107 @@
+"""Memory: byte accounting for training (weights, gradients, optimizer state, saved activations).
+
+All byte counts of the book live here. Each section below belongs to one notebook of the book
+(notebooks/<slug>.ipynb); the first is shared by gpt2-chinese, adafactor and ladder-side-tuning.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ._validate import check_choice, check_int
+
+__all__: list[str] = []
+
+
+# === byte accounting (gpt2-chinese, adafactor, ladder-side-tuning, recompute) ===
+__all__ += ["saved_activation_bytes", "optimizer_state_bytes", "training_memory_bytes"]
+
+
+def _is_parameter_like(t: torch.Tensor) -> bool:
+    """A leaf that requires grad (a parameter), or a view of one (``W.T`` saved by a matmul)."""
+    base = t if t._base is None else t._base
+    return base.is_leaf and base.requires_grad
+
+
+def saved_activation_bytes(fn, *args, **kwargs) -> int:
+    """Bytes that autograd keeps for the backward pass while ``fn(*args, **kwargs)`` runs forward.
+
+    Every tensor saved for backward is recorded through ``torch.autograd.graph.saved_tensors_hooks``
+    and counted once per storage (views of one buffer count once), whole storage; parameters and
+    views of parameters are not activations and are left out. The output of ``fn`` is dropped, so
+    nothing is kept after the call. Under ``torch.no_grad()`` the count is 0.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if not _is_parameter_like(t):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    del out
+    return int(sum(seen.values()))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (moments, factored statistics, and the scalar
+    ``step`` counters torch keeps per parameter), each storage counted once."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    seen: dict[tuple, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                s = value.untyped_storage()
+                seen[(value.device, s.data_ptr())] = s.nbytes()
+    return int(sum(seen.values()))
+
+
+def _adafactor_state_numel(shape: torch.Size) -> int:
+    """Factored second moment of one parameter, as ``torch.optim.Adafactor`` stores it: a row and a
+    column statistic per trailing matrix (``prod(lead) * (m + n)``), the full vector for 1-D."""
+    if len(shape) < 2:
+        return math.prod(shape)
+    *lead, m, n = shape
+    return math.prod(lead) * (m + n)
+
+
+def training_memory_bytes(model_or_num_params, optimizer: str = "adam",
+                          dtype_bytes: int = 4) -> int:
+    """Bytes of weights + gradients + optimizer state for one training step (no activations)::
+
+        sgd:        2 N b          (weights, gradients; no momentum)
+        adam:       4 N b          (+ first and second moments)
+        adafactor:  2 N b + b sum_W (m + n)   (factored second moment, no momentum)
+
+    with ``b = dtype_bytes`` and, for Adafactor, the sum over each parameter's trailing ``m x n``
+    matrix (1-D parameters keep a full vector). ``model_or_num_params``: an ``nn.Module`` (its
+    parameters that require grad) or an integer N; with an integer, Adafactor's factored state is
+    not known and is left out (a lower bound, small for large matrices: ``m + n << m n``).
+    The per-parameter ``step`` counters torch also keeps (4 bytes each) are not included.
+    """
+    check_choice("optimizer", optimizer, ("adam", "adafactor", "sgd"))
+    check_int("dtype_bytes", dtype_bytes, 1)
+    if isinstance(model_or_num_params, nn.Module):
+        shapes = [p.shape for p in model_or_num_params.parameters() if p.requires_grad]
+        n = sum(math.prod(s) for s in shapes)
+    elif isinstance(model_or_num_params, int) and not isinstance(model_or_num_params, bool):
+        if model_or_num_params < 0:
+            raise ValueError(f"model_or_num_params: expected N >= 0, got {model_or_num_params}")
+        shapes, n = None, model_or_num_params
+    else:
+        raise TypeError("model_or_num_params: expected an nn.Module or an int, got "
+                        f"{type(model_or_num_params).__name__}")
+    total = 2 * n
+    if optimizer == "adam":
+        total += 2 * n
+    elif optimizer == "adafactor" and shapes is not None:
+        total += sum(_adafactor_state_numel(s) for s in shapes)
+    return total * dtype_bytes
