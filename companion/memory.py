@@ -20,9 +20,8 @@ __all__ += ["saved_activation_bytes", "optimizer_state_bytes", "training_memory_
 
 
 def _is_parameter_like(t: torch.Tensor) -> bool:
-    """A leaf that requires grad (a parameter), or a view of one (``W.T`` saved by a matmul)."""
-    base = t if t._base is None else t._base
-    return base.is_leaf and base.requires_grad
+    """An ``nn.Parameter``, or a view of one (``W.T`` saved by a matmul)."""
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 def saved_activation_bytes(fn, *args, **kwargs) -> int:
@@ -105,3 +104,88 @@ def training_memory_bytes(model_or_num_params, optimizer: str = "adam",
     elif optimizer == "adafactor" and shapes is not None:
         total += sum(_adafactor_state_numel(s) for s in shapes)
     return total * dtype_bytes
+
+
+# === recompute ===
+__all__ += ["checkpoint_activation_bytes", "optimal_segments", "CheckpointedStack"]
+
+
+def _check_sizes(num_layers: int, seg_input_bytes: int, layer_bytes: int) -> None:
+    check_int("num_layers", num_layers, 1)
+    check_int("seg_input_bytes", seg_input_bytes, 0)
+    check_int("layer_bytes", layer_bytes, 0)
+
+
+def checkpoint_activation_bytes(num_layers: int, seg_input_bytes: int, layer_bytes: int,
+                                segments: int) -> int:
+    """Peak saved-activation bytes of a chain of ``n = num_layers`` layers cut into ``k =
+    segments`` checkpointed segments (Chen et al. 2016)::
+
+        M(k) = k a + ceil(n / k) s
+
+    ``a = seg_input_bytes`` is what a segment keeps (its input), ``s = layer_bytes`` what one layer
+    saves for backward; during the backward pass one segment at a time is recomputed, so its
+    ``ceil(n / k)`` layers' activations live beside the k stored inputs. ``k = n`` is
+    per-layer checkpointing (``n a + s``), ``k = 1`` the whole chain (``a + n s``, no saving)."""
+    _check_sizes(num_layers, seg_input_bytes, layer_bytes)
+    check_int("segments", segments, 1, num_layers)
+    return segments * seg_input_bytes + -(-num_layers // segments) * layer_bytes
+
+
+def optimal_segments(num_layers: int, seg_input_bytes: int, layer_bytes: int) -> int:
+    """The integer ``k`` in ``[1, num_layers]`` minimising :func:`checkpoint_activation_bytes`
+    (the smallest such k on ties, i.e. the fewest recomputed boundaries); close to the continuous
+    optimum ``sqrt(n s / a)``, where ``M* = 2 sqrt(n a s)``."""
+    _check_sizes(num_layers, seg_input_bytes, layer_bytes)
+    return min(range(1, num_layers + 1), key=lambda k: (
+        checkpoint_activation_bytes(num_layers, seg_input_bytes, layer_bytes, k), k))
+
+
+class CheckpointedStack(nn.Module):
+    """A sequence of blocks ``x -> block(x)`` run with ``torch.utils.checkpoint.checkpoint``
+    (``use_reentrant=False``, RNG state preserved so that dropout recomputes identically).
+
+    ``segments=None``: every block is its own segment (per-layer checkpointing, the usual choice);
+    ``segments=k``: k consecutive segments whose sizes differ by at most one (the first ones
+    larger), each checkpointed, which is the memory model of :func:`checkpoint_activation_bytes`.
+    ``torch.utils.checkpoint.checkpoint_sequential`` differs in two ways: its segments have
+    ``n // k`` blocks with the remainder added to the last one, and it does not checkpoint the last
+    segment (its activations are the first the backward needs, so this saves one recomputation).
+    Without gradients (``torch.no_grad``, inference) the blocks run plainly. ``blocks`` is kept as
+    an ``nn.ModuleList`` (e.g. ``companion.lm.GPT(...).blocks``)."""
+
+    def __init__(self, blocks, segments: int | None = None):
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+            raise TypeError("blocks: expected a non-empty sequence of nn.Module")
+        if segments is not None:
+            check_int("segments", segments, 1, len(blocks))
+        self.blocks = nn.ModuleList(blocks)
+        self.segments = segments
+
+    def segment_bounds(self) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` of the checkpointed segments."""
+        n = len(self.blocks)
+        k = n if self.segments is None else self.segments
+        sizes = [n // k + (i < n % k) for i in range(k)]
+        bounds, start = [], 0
+        for size in sizes:
+            bounds.append((start, start + size))
+            start += size
+        return bounds
+
+    def _run(self, start: int, stop: int, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self._run(0, len(self.blocks), x)
+        from torch.utils.checkpoint import checkpoint
+
+        for start, stop in self.segment_bounds():
+            x = checkpoint(self._run, start, stop, x, use_reentrant=False,
+                           preserve_rng_state=True)
+        return x

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from companion.lm import GPT, GPTConfig
-from companion.memory import optimizer_state_bytes, saved_activation_bytes, training_memory_bytes
+from companion.memory import (CheckpointedStack, checkpoint_activation_bytes, optimal_segments,
+                              optimizer_state_bytes, saved_activation_bytes, training_memory_bytes)
 
 
 def gpt():
@@ -67,9 +68,10 @@ def test_saved_activations_hand_counts():
     # exp saves its output (100x50 floats); the parameter w saved by the matmul is left out,
     # the matmul's other input is exp's output itself (counted once)
     assert saved_activation_bytes(lambda: x.exp() @ w) == 100 * 50 * 4
-    # sin saves its input; x is a plain tensor here, so it counts
+    # sin saves its input: an input that requires grad counts, a parameter does not
     xg = x.clone().requires_grad_()
-    assert saved_activation_bytes(lambda: xg.sin()) == 0   # a leaf that requires grad: a parameter
+    assert saved_activation_bytes(lambda: xg.sin()) == 100 * 50 * 4
+    assert saved_activation_bytes(lambda: nn.Parameter(x.clone()).sin()) == 0
     assert saved_activation_bytes(lambda: (xg * 2).sin()) == 100 * 50 * 4
     with torch.no_grad():
         assert saved_activation_bytes(lambda: x.exp() @ w) == 0
@@ -99,3 +101,81 @@ def test_bad_inputs():
         optimizer_state_bytes("adam")
     with pytest.raises(TypeError, match="fn: expected a callable"):
         saved_activation_bytes(3)
+
+
+# ---- recompute: the segment memory model and CheckpointedStack -----------------------------
+def mlp_blocks(n, d=16, p_drop=0.0, dtype=torch.float64):
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(p_drop), nn.Linear(4 * d, d))
+            .to(dtype) for _ in range(n)]
+
+
+def grads(stack, x, seed=1):
+    torch.manual_seed(seed)
+    stack.zero_grad()
+    xg = x.clone().requires_grad_()
+    stack(xg).square().sum().backward()
+    return [xg.grad] + [p.grad.clone() for p in stack.parameters()]
+
+
+@pytest.mark.parametrize("segments", [None, 1, 3, 16])
+@pytest.mark.parametrize("p_drop", [0.0, 0.2])
+def test_checkpointed_gradients_equal_plain_exactly(segments, p_drop):
+    blocks = mlp_blocks(16, p_drop=p_drop)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    plain = grads(nn.Sequential(*blocks), x)
+    ckpt = grads(CheckpointedStack(blocks, segments), x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+
+
+def test_checkpointed_saved_bytes_are_the_segment_inputs():
+    """Per-block checkpointing keeps exactly the n block inputs (a = B d floats each); k segments
+    keep k; the plain stack keeps every block's internals, counted from the shapes."""
+    n, B, d = 16, 8, 16
+    blocks = mlp_blocks(n, d=d, dtype=torch.float32)
+    x = torch.randn(B, d, requires_grad=True)
+    a = B * d * 4
+    assert saved_activation_bytes(CheckpointedStack(blocks), x) == n * a
+    for k in (1, 2, 4, 8):
+        assert saved_activation_bytes(CheckpointedStack(blocks, k), x) == k * a
+    # plain: per block the first linear's input (B d), GELU's input (B 4d) and the second linear's
+    # input (B 4d, GELU's output; dropout p=0 is the identity and saves nothing)
+    s = (B * d + 2 * B * 4 * d) * 4
+    assert saved_activation_bytes(nn.Sequential(*blocks), x) == n * s
+
+
+def test_memory_model_and_optimal_segments():
+    n, a, s = 16, 100, 1600
+    assert checkpoint_activation_bytes(n, a, s, n) == n * a + s
+    assert checkpoint_activation_bytes(n, a, s, 1) == a + n * s
+    assert checkpoint_activation_bytes(n, a, s, 3) == 3 * a + 6 * s
+    for n, a, s in [(16, 100, 1600), (24, 1, 1), (100, 7, 3000), (5, 1000, 1), (1, 3, 4)]:
+        brute = min(range(1, n + 1), key=lambda k: (k * a + -(-n // k) * s, k))
+        k = optimal_segments(n, a, s)
+        assert k == brute
+        assert abs(k - (n * s / a) ** 0.5) <= max(1.0, 0.35 * (n * s / a) ** 0.5) or k in (1, n)
+
+
+def test_no_grad_runs_plainly_and_bad_inputs():
+    blocks = mlp_blocks(4)
+    x = torch.randn(2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(CheckpointedStack(blocks, 2)(x), nn.Sequential(*blocks)(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(CheckpointedStack(blocks)(x), nn.Sequential(*blocks)(x))
+    with pytest.raises(ValueError, match="segments"):
+        CheckpointedStack(blocks, 5)
+    with pytest.raises(TypeError, match="blocks: expected a non-empty sequence"):
+        CheckpointedStack([])
+    with pytest.raises(ValueError, match="segments"):
+        checkpoint_activation_bytes(4, 1, 1, 0)
+    with pytest.raises(ValueError, match="layer_bytes"):
+        optimal_segments(4, 1, -1)
+
+
+def test_checkpointed_stack_compiles():
+    blocks = mlp_blocks(4, dtype=torch.float32)
+    stack = CheckpointedStack(blocks, 2)
+    compiled = torch.compile(stack, backend="aot_eager")
+    x = torch.randn(3, 16, requires_grad=True)
+    torch.testing.assert_close(compiled(x), nn.Sequential(*blocks)(x))
