@@ -1,0 +1,194 @@
+"""Optimizers: AdaFactor (the factored second moment, its beta2 schedule and update clipping).
+
+Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validate import check_choice, check_floating, check_range
+
+__all__: list[str] = []
+
+
+# === adafactor ===
+__all__ += ["rank1_idiv_factor", "i_divergence", "adafactor_beta2", "adafactor_second_moment",
+            "Adafactor"]
+
+
+def rank1_idiv_factor(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-1 factors ``a b^T`` of a non-negative ``C [..., m, n]`` that minimise the
+    I-divergence :func:`i_divergence`, in closed form with ``sum_j b_j = 1``::
+
+        a_i = sum_j C_ij,    b_j = sum_i C_ij / sum_ij C_ij
+
+    (the row sums, and the column sums over the total). Returns ``a [..., m]``, ``b [..., n]``.
+    A zero matrix has no normalised ``b``: it gets ``b = 1/n`` (then ``a = 0`` and ``a b^T = C``)."""
+    check_floating("C", C)
+    if C.dim() < 2:
+        raise ValueError(f"C: expected at least 2 dims [..., m, n], got shape {tuple(C.shape)}")
+    if bool((C < 0).any()) or bool(torch.isnan(C).any()):
+        raise ValueError("C: expected non-negative entries (a second moment), got a negative "
+                         "or NaN entry")
+    a = C.sum(-1)
+    col = C.sum(-2)
+    total = a.sum(-1, keepdim=True)
+    b = torch.where(total > 0, col / total.clamp(min=torch.finfo(C.dtype).tiny),
+                    torch.full_like(col, 1.0 / C.shape[-1]))
+    return a, b
+
+
+def i_divergence(C: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Generalised KL (I-)divergence ``sum_ij C_ij log(C_ij / A_ij) - C_ij + A_ij >= 0`` over the
+    last two dims (``0 log 0 = 0``); zero iff ``A = C``. ``A`` must be positive."""
+    check_floating("C", C)
+    check_floating("A", A)
+    if C.shape != A.shape:
+        raise ValueError(f"A: expected the shape of C {tuple(C.shape)}, got {tuple(A.shape)}")
+    if C.dim() < 2:
+        raise ValueError(f"C: expected at least 2 dims [..., m, n], got shape {tuple(C.shape)}")
+    if not bool((A > 0).all()):
+        raise ValueError("A: expected positive entries (log C/A must be finite)")
+    if bool((C < 0).any()):
+        raise ValueError("C: expected non-negative entries")
+    return (torch.xlogy(C, C) - C * torch.log(A) - C + A).sum((-2, -1))
+
+
+def adafactor_beta2(step, beta2_decay: float = -0.8):
+    """The increasing decay ``beta2_t = 1 - t^(-c)`` with ``c = -beta2_decay`` (torch's sign):
+    0 at ``t = 1`` (the state is just ``G_1^2``), the running mean of all ``G_s^2`` for ``c = 1``,
+    and tending to 1 so that late steps change the second moment less and less."""
+    check_range("beta2_decay", beta2_decay, -1.0, 0.0, high_open=True)
+    if isinstance(step, torch.Tensor):
+        if bool((step < 1).any()):
+            raise ValueError("step: expected steps >= 1")
+        return 1.0 - step.to(torch.promote_types(step.dtype, torch.float32)) ** beta2_decay
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 1:
+        raise ValueError(f"step: expected a step >= 1, got {step!r}")
+    return 1.0 - float(step) ** beta2_decay
+
+
+def adafactor_second_moment(R: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The factored estimate ``V_hat = R C^T / (1^T R)`` ``[..., m, n]`` from the row statistic
+    ``R [..., m]`` (sums over columns of ``G^2``) and the column statistic ``C [..., n]`` (sums over
+    rows). With row and column *means* the same ``V_hat`` is ``R_bar C_bar^T / mean(R_bar)``:
+    dividing by the sum of the means instead would be off by a factor m."""
+    check_floating("R", R)
+    check_floating("C", C)
+    if R.dim() < 1 or C.dim() < 1 or R.shape[:-1] != C.shape[:-1]:
+        raise ValueError(f"R, C: expected [..., m] and [..., n] with equal leading dims, got "
+                         f"{tuple(R.shape)} and {tuple(C.shape)}")
+    return R.unsqueeze(-1) * C.unsqueeze(-2) / R.sum(-1, keepdim=True).unsqueeze(-1)
+
+
+class Adafactor(torch.optim.Optimizer):
+    r"""AdaFactor (Shazeer & Stern 2018) without momentum, written as a readable reference.
+
+    For each parameter with gradient ``G`` at step ``t`` (``beta2_t = 1 - t^beta2_decay``)::
+
+        R_t = beta2_t R_{t-1} + (1 - beta2_t) mean_j(G^2 (+ eps1))    row statistic  [..., m, 1]
+        C_t = beta2_t C_{t-1} + (1 - beta2_t) mean_i(G^2 (+ eps1))    column statistic [..., 1, n]
+        U   = G / sqrt(R_t C_t / mean(R_t))        (1-D parameters keep a full v_t instead)
+        U   = U / max(1, RMS(U) / d)                                   update clipping
+        theta -= rho_t * max(eps2, RMS(theta)) * U                     relative step size
+
+    with ``rho_t = min(lr, 1/sqrt(t))`` (``lr=None``: 1e-2) when ``relative_step``, else ``lr``;
+    without ``scale_parameter`` the factor ``max(eps2, RMS(theta))`` is 1. ``weight_decay``
+    multiplies ``theta`` by ``1 - lr * weight_decay`` first (decoupled; ``rho_t`` when lr is None).
+    The last two dims are factored for ``ndim >= 2``. State (as in ``torch.optim.Adafactor``):
+    ``step`` and ``row_var``/``col_var`` or ``variance``, float32 for low-precision parameters.
+
+    ``eps_mode``: ``"add"`` (the paper) adds ``eps1`` to ``G^2`` and forms ``1/sqrt(V_hat)`` from
+    the two factors, so that a row and a column that are both ~0 never underflow to 0/0;
+    ``"clamp"`` is ``torch.optim.Adafactor``'s: ``mean(R)`` clamped below by ``eps1`` and
+    ``V_hat`` by ``eps1^2`` (with ``eps1=None`` the dtype's machine epsilon). With
+    ``eps_mode="clamp"``, ``relative_step=True``, ``scale_parameter=True`` and the same ``lr``,
+    ``eps``, ``d`` and ``weight_decay``, the steps equal torch's; torch's own class is the faster
+    one (a foreach path) and the one to use in practice.
+    """
+
+    def __init__(self, params, lr: float | None = None, beta2_decay: float = -0.8,
+                 eps: tuple = (1e-30, 1e-3), d: float = 1.0, weight_decay: float = 0.0,
+                 relative_step: bool = True, scale_parameter: bool = True,
+                 eps_mode: str = "add"):
+        if lr is not None:
+            check_range("lr", lr, 0.0)
+        elif not relative_step:
+            raise ValueError("lr: a learning rate is required when relative_step=False")
+        check_range("beta2_decay", beta2_decay, -1.0, 0.0, high_open=True)
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+            raise ValueError(f"eps: expected a pair (eps1, eps2), got {eps!r}")
+        if eps[0] is not None:
+            check_range("eps[0]", eps[0], 0.0)
+        check_range("eps[1]", eps[1], 0.0)
+        check_range("d", d, 1.0)
+        check_range("weight_decay", weight_decay, 0.0)
+        check_choice("eps_mode", eps_mode, ("add", "clamp"))
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d,
+                        weight_decay=weight_decay, relative_step=relative_step,
+                        scale_parameter=scale_parameter, eps_mode=eps_mode)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _rms(x: torch.Tensor) -> float:
+        return x.norm(2).item() / math.sqrt(max(x.numel(), 1))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, c, (eps1, eps2) = group["lr"], group["beta2_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients")
+                self._update(p, group, lr, c, eps1, eps2)
+        return loss
+
+    def _update(self, p, group, lr, c, eps1, eps2):
+        work = torch.promote_types(p.dtype, torch.float32)
+        g = p.grad.to(work)
+        theta = p.to(work)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if g.dim() > 1:
+                state["row_var"] = g.new_zeros(g.shape[:-1]).unsqueeze(-1)
+                state["col_var"] = g.new_zeros(g.shape[:-2] + g.shape[-1:]).unsqueeze(-2)
+            else:
+                state["variance"] = torch.zeros_like(g)
+        state["step"] += 1
+        t = state["step"].item()
+        if eps1 is None:
+            eps1 = torch.finfo(p.dtype).eps
+        w = t ** c                                     # 1 - beta2_t
+        rho = (min(lr if lr is not None else 1e-2, t ** -0.5) if group["relative_step"]
+               else lr)
+        alpha = rho * (max(eps2, self._rms(theta)) if group["scale_parameter"] else 1.0)
+        if group["weight_decay"]:
+            theta = theta * (1 - (lr if lr is not None else rho) * group["weight_decay"])
+        add = eps1 if group["eps_mode"] == "add" else 0.0
+        g2 = g * g + add
+        if g.dim() > 1:
+            R, Cv = state["row_var"], state["col_var"]
+            R.lerp_(g2.mean(-1, keepdim=True), w)
+            Cv.lerp_(g2.mean(-2, keepdim=True), w)
+            if group["eps_mode"] == "add":              # G * rsqrt(R / mean R) * rsqrt(C)
+                r = R / R.mean(-2, keepdim=True)
+                u = g * r.rsqrt() * Cv.rsqrt()
+            else:
+                v = (R @ Cv) / R.mean(-2, keepdim=True).clamp(min=eps1)
+                u = v.clamp(min=eps1 * eps1).rsqrt() * g
+        else:
+            v = state["variance"]
+            v.lerp_(g2, w)
+            u = g * (v.rsqrt() if group["eps_mode"] == "add"
+                     else v.clamp(min=eps1 * eps1).rsqrt())
+        u = u / max(1.0, self._rms(u) / group["d"])
+        p.copy_(theta - alpha * u)
