@@ -22,7 +22,7 @@ _SCALE_ENV = "COMPANION_SCALE"
 _THREADS_ENV = "COMPANION_NUM_THREADS"
 _SUBMODULES = {
     "attention", "data", "lm", "losses", "memory", "numbers", "optim", "position", "quantize",
-    "rnn", "ssl", "variational"
+    "rnn", "ssl", "vae", "variational"
 }
 
 
