@@ -14,10 +14,15 @@ import pytest
 import torch
 
 from companion import attention as A
+from companion import geometry as GE
 from companion import losses as L
+from companion import optim as O
 from companion import position as P
 from companion import quantize as Q
 from companion import rnn as R
+from companion import ssl as S
+from companion import vae as VA
+from companion import variational as VR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +125,15 @@ CASES = {
                             {}, False),
     "rnn_fixed_point_iterate": (lambda x: R.rnn_fixed_point_iterate(A_RNN, x[None, :, :3], 3),
                                 _scores, {}, False),
+    "simsiam_loss": (lambda x: S.simsiam_loss(x, x.flip(0), x.roll(1, 0), x + 0.1), _scores,
+                     {}, True),
+    "gaussian_kl": (lambda x: VA.gaussian_kl(x, torch.sigmoid(-x)), _scores, {}, True),
+    "knn_entropy": (lambda x: VA.knn_entropy(x, k=1), _scores, {}, False),
+    "truncate_latents": (lambda x: GE.truncate_latents(x, 0.7), _scores, {}, False),
+    "i_divergence": (lambda x: O.i_divergence(x.exp(), (x + 0.3).exp()), _scores, {}, False),
+    "discretize_functional": (lambda y: VR.discretize_functional(
+        lambda t, u, du: du ** 2 + u ** 2, torch.linspace(0, 1, y.shape[1] + 2), y, (0.0, 1.0)),
+        _scores, {}, False),
 }
 torch.manual_seed(0)
 _GAU = A.GatedAttentionUnit(8, 2, 4, causal=True, train_length=8)
