@@ -349,3 +349,159 @@ def design_from_omega_rho(omega, omega_inv, rho, domain, t_ref=None, *,
 
 
 # === idempotent-generative-network ===
+import torch.nn as nn  # noqa: E402
+
+from ._validate import check_choice, check_floating, check_int, check_range  # noqa: E402
+
+__all__ += ["ign_losses", "ign_losses_sg", "gan_single_loss_sg", "IGNMLP"]
+
+
+def _ign_distance(a: torch.Tensor, b: torch.Tensor, dist: str) -> torch.Tensor:
+    """Per-sample distance ``D(a, b)`` ``[B]``: mean over the non-batch dims of ``|a - b|``
+    ("l1", the paper's) or of ``(a - b)^2`` ("l2", the article's squared Euclidean)."""
+    diff = (a - b).flatten(1)
+    return diff.abs().mean(1) if dist == "l1" else diff.square().mean(1)
+
+
+def _ign_check(x, z, lam_rec, lam_idem, lam_tight, dist, tight_clamp) -> None:
+    check_floating("x", x)
+    check_floating("z", z)
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x: expected shape [B, ...] with B >= 1, got {tuple(x.shape)}")
+    if z.dim() != x.dim() or z.shape[1:] != x.shape[1:] or z.shape[0] == 0:
+        raise ValueError(f"z: expected shape [B', {', '.join(map(str, x.shape[1:]))}] "
+                         f"(the data's shape), got {tuple(z.shape)}")
+    for name, lam in (("lam_rec", lam_rec), ("lam_idem", lam_idem), ("lam_tight", lam_tight)):
+        check_range(name, lam, 0.0)
+    check_choice("dist", dist, ("l1", "l2"))
+    if tight_clamp is not None:
+        check_range("tight_clamp", tight_clamp, 0.0, low_open=True)
+
+
+def _ign_tight(tight_raw: torch.Tensor, rec: torch.Tensor, tight_clamp) -> torch.Tensor:
+    r"""``L_tight = -a sg(L_rec) tanh(L~_tight / (a sg(L_rec)))`` (eq. ``ign-clamp``), or
+    ``-L~_tight`` when ``tight_clamp`` (a) is None. ``sg(L_rec)`` is detached, so the clamp
+    sends no gradient into the reconstruction path."""
+    if tight_clamp is None:
+        return -tight_raw
+    scale = (tight_clamp * rec.detach()).clamp_min(torch.finfo(rec.dtype).tiny)
+    return -scale * torch.tanh(tight_raw / scale)
+
+
+def _ign_total(rec, idem, tight, tight_raw, lam_rec, lam_idem, lam_tight) -> dict:
+    return {"loss": lam_rec * rec + lam_idem * idem + lam_tight * tight,
+            "rec": rec, "idem": idem, "tight": tight, "tight_raw": tight_raw}
+
+
+def ign_losses(f, f_copy, x: torch.Tensor, z: torch.Tensor, lam_rec: float = 20.0,
+               lam_idem: float = 20.0, lam_tight: float = 2.5, dist: str = "l1",
+               tight_clamp: float | None = 1.5) -> dict[str, torch.Tensor]:
+    r"""The three IGN losses (eq. ``ign-total``) built as in the paper, with a frozen copy of f.
+
+    ``f``: a module mapping ``[B, ...]`` to the same shape; ``f_copy``: a copy of it holding the
+    same weights (``f_copy.load_state_dict(f.state_dict())`` before each call) whose parameters
+    have ``requires_grad=False``. ``x`` ``[B, ...]`` data, ``z`` ``[B', ...]`` noise of the same
+    per-sample shape. With ``u = f(z)`` and the per-sample distance ``D`` of ``dist``:
+
+    * ``rec  = mean D(f(x), x)``                       (trains f as the critic)
+    * ``idem = mean D(f_copy(u), u)``                  (only the inner f, the generator)
+    * ``tight_raw = mean D(f(sg u), sg u)``            (only the outer f, the critic)
+    * ``tight = -tight_raw`` or its clamp (eq. ``ign-clamp``) with ``a = tight_clamp``
+
+    Returns a dict of 0-dim tensors: ``loss = lam_rec rec + lam_idem idem + lam_tight tight``,
+    and ``rec``, ``idem``, ``tight``, ``tight_raw``. Defaults are the paper's (L1, 20, 20, 2.5,
+    a = 1.5). ``ign_losses_sg`` gives the same values and gradients without the copy.
+    """
+    _ign_check(x, z, lam_rec, lam_idem, lam_tight, dist, tight_clamp)
+    if not callable(f) or not callable(f_copy):
+        raise TypeError("f, f_copy: expected callables (modules) mapping [B, ...] to [B, ...]")
+    if f_copy is f:
+        raise ValueError("f_copy: expected a frozen copy of f, got f itself")
+    params = list(f_copy.parameters()) if isinstance(f_copy, nn.Module) else []
+    if any(p.requires_grad for p in params):
+        raise ValueError("f_copy: expected parameters with requires_grad=False "
+                         "(call f_copy.requires_grad_(False) once after copying)")
+    rec = _ign_distance(f(x), x, dist).mean()
+    u = f(z)
+    idem = _ign_distance(f_copy(u), u, dist).mean()
+    u_sg = u.detach()
+    tight_raw = _ign_distance(f(u_sg), u_sg, dist).mean()
+    tight = _ign_tight(tight_raw, rec, tight_clamp)
+    return _ign_total(rec, idem, tight, tight_raw, lam_rec, lam_idem, lam_tight)
+
+
+def ign_losses_sg(f, x: torch.Tensor, z: torch.Tensor, lam_rec: float = 20.0,
+                  lam_idem: float = 20.0, lam_tight: float = 2.5, dist: str = "l1",
+                  tight_clamp: float | None = 1.5) -> dict[str, torch.Tensor]:
+    r"""``ign_losses`` without a copy of the network, by stop-gradients (eq. ``ign-sg``).
+
+    With ``u = f(z)``, ``delta(v) = mean D(f(v), v)`` has the full gradient (inner + outer f)
+    and ``delta(sg u)`` the outer one only, so ``delta(u) - delta(sg u)`` carries only the
+    inner gradient. ``idem`` is returned as ``delta(u) - delta(sg u) + sg(delta(sg u))``: its
+    value is ``L_idem`` and its gradient the inner one, so the dict equals ``ign_losses``'s in
+    values and in parameter gradients (the clamp uses the detached ``rec`` in both).
+    Same arguments and return as ``ign_losses``, without ``f_copy``.
+    """
+    _ign_check(x, z, lam_rec, lam_idem, lam_tight, dist, tight_clamp)
+    if not callable(f):
+        raise TypeError("f: expected a callable (module) mapping [B, ...] to [B, ...]")
+    rec = _ign_distance(f(x), x, dist).mean()
+    u = f(z)
+    u_sg = u.detach()
+    delta_full = _ign_distance(f(u), u, dist).mean()
+    tight_raw = _ign_distance(f(u_sg), u_sg, dist).mean()   # delta(sg u): outer f only
+    idem = delta_full - tight_raw + tight_raw.detach()
+    tight = _ign_tight(tight_raw, rec, tight_clamp)
+    return _ign_total(rec, idem, tight, tight_raw, lam_rec, lam_idem, lam_tight)
+
+
+def gan_single_loss_sg(D, G, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    r"""One loss for both players of a WGAN-style GAN (eq. ``gan-sg``), critic low = real:
+
+    ``mean D(x) - 2 mean D(sg G(z)) + mean D(G(z))``.
+
+    Its gradient in D's parameters is that of the critic loss ``mean D(x) - mean D(G(z))``, in
+    G's that of the generator loss ``mean D(G(z))``, so one backward pass and one optimizer
+    step over both networks replace the alternating pair. ``D`` maps ``[B, ...]`` to ``[B]`` or
+    ``[B, 1]``; ``G`` maps ``z`` ``[B', ...]`` to samples shaped like ``x``. Returns ``[]``;
+    its value is ``mean D(x) - mean D(G(z))``. No Lipschitz constraint is included: add a
+    gradient penalty or clip weights as WGAN requires.
+    """
+    check_floating("x", x)
+    check_floating("z", z)
+    if not callable(D) or not callable(G):
+        raise TypeError("D, G: expected callables (modules)")
+    g = G(z)
+    if g.shape[1:] != x.shape[1:]:
+        raise ValueError(f"G: expected samples shaped like x {tuple(x.shape[1:])}, "
+                         f"got {tuple(g.shape[1:])}")
+    return D(x).mean() - 2 * D(g.detach()).mean() + D(g).mean()
+
+
+class IGNMLP(nn.Module):
+    r"""The network f of an IGN on vectors: ``dim -> hidden (x depth, tanh) -> dim``.
+
+    ``residual=True`` returns ``x + mlp(x)``, so the identity on data (``L_rec = 0``) is easy to
+    reach, as the paper's encoder-decoder with skip connections makes it for images. Input and
+    output ``[B, dim]``.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 2, residual: bool = True):
+        super().__init__()
+        check_int("dim", dim, 1)
+        check_int("hidden", hidden, 1)
+        check_int("depth", depth, 1)
+        layers: list[nn.Module] = []
+        width = dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.Tanh()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+        self.dim, self.residual = dim, bool(residual)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape [B, {self.dim}], got {tuple(x.shape)}")
+        out = self.net(x)
+        return x + out if self.residual else out
