@@ -126,7 +126,11 @@ def checkpoint_activation_bytes(num_layers: int, seg_input_bytes: int, layer_byt
     ``a = seg_input_bytes`` is what a segment keeps (its input), ``s = layer_bytes`` what one layer
     saves for backward; during the backward pass one segment at a time is recomputed, so its
     ``ceil(n / k)`` layers' activations live beside the k stored inputs. ``k = n`` is
-    per-layer checkpointing (``n a + s``), ``k = 1`` the whole chain (``a + n s``, no saving)."""
+    per-layer checkpointing (``n a + s``), ``k = 1`` the whole chain (``a + n s``, no saving).
+    When k does not divide n this is an upper bound: with :class:`CheckpointedStack`'s segments
+    (sizes ``n_j``, the larger first) the exact peak is ``max_j (j a + n_j s)``, which can be
+    smaller, so :func:`optimal_segments` minimises the bound (the recompute notebook measures
+    both)."""
     _check_sizes(num_layers, seg_input_bytes, layer_bytes)
     check_int("segments", segments, 1, num_layers)
     return segments * seg_input_bytes + -(-num_layers // segments) * layer_bytes
