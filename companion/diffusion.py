@@ -199,17 +199,22 @@ def _per_sample(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return _reduce(loss.reshape(loss.shape[0], -1).sum(1), reduction)
 
 
-def ddpm_eps_loss(model, x0: torch.Tensor, sched: DiffusionSchedule, t=None,
-                  reduction: str = "mean", *, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
-    """DDPM's simple loss (eq. ``eps-loss``): ``||eps - model(alpha_bar_t x0 + beta_bar_t eps,
-    t)||^2`` summed over features, per sample; ``t`` uniform on 1..T unless given."""
+def _check_loss_args(model, x0, sched, t, reduction, generator):
+    """The checks both DDPM losses make; returns the timesteps ``t`` (drawn when None)."""
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
     _check_floating("x0", x0)
     _check_sched(sched)
     _check_choice("reduction", reduction, ("none", "mean", "sum"))
-    t = _draw_t(t, x0, sched, generator)
+    return _draw_t(t, x0, sched, generator)
+
+
+def ddpm_eps_loss(model, x0: torch.Tensor, sched: DiffusionSchedule, t=None,
+                  reduction: str = "mean", *, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """DDPM's simple loss (eq. ``eps-loss``): ``||eps - model(alpha_bar_t x0 + beta_bar_t eps,
+    t)||^2`` summed over features, per sample; ``t`` uniform on 1..T unless given."""
+    t = _check_loss_args(model, x0, sched, t, reduction, generator)
     x_t, eps = q_sample(x0, t, sched, generator=generator)
     return _per_sample((eps - model(x_t, t)) ** 2, reduction)
 
@@ -222,12 +227,7 @@ def ddpm_two_noise_loss(model, x0: torch.Tensor, sched: DiffusionSchedule, t=Non
     ``(beta_bar_t / beta_t) eps_t``, in the paper's eps convention. Its expectation equals
     ``ddpm_eps_loss``'s scaled by ``beta_t^2 / beta_bar_t^2`` plus a constant; same minimiser,
     far higher variance."""
-    if not callable(model):
-        raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
-    _check_floating("x0", x0)
-    _check_sched(sched)
-    _check_choice("reduction", reduction, ("none", "mean", "sum"))
-    t = _draw_t(t, x0, sched, generator)
+    t = _check_loss_args(model, x0, sched, t, reduction, generator)
     eps_bar = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     eps_t = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     ab, a = _coef(sched.alpha_bar, t, x0), _coef(sched.alpha, t, x0)
