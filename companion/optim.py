@@ -173,13 +173,17 @@ class Adafactor(torch.optim.Optimizer):
         alpha = rho * (max(eps2, self._rms(theta)) if group["scale_parameter"] else 1.0)
         if group["weight_decay"]:
             theta = theta * (1 - (lr if lr is not None else rho) * group["weight_decay"])
-        add = eps1 if group["eps_mode"] == "add" else 0.0
-        g2 = g * g + add
+        add = group["eps_mode"] == "add"
         if g.dim() > 1:
             R, Cv = state["row_var"], state["col_var"]
-            R.lerp_(g2.mean(-1, keepdim=True), w)
-            Cv.lerp_(g2.mean(-2, keepdim=True), w)
-            if group["eps_mode"] == "add":              # G * rsqrt(R / mean R) * rsqrt(C)
+            if add:
+                g2 = g * g + eps1
+                R.lerp_(g2.mean(-1, keepdim=True), w)
+                Cv.lerp_(g2.mean(-2, keepdim=True), w)
+            else:  # mean(G^2) as torch computes it, so that the two agree to rounding
+                R.lerp_(g.norm(dim=-1, keepdim=True).square_().div_(g.shape[-1]), w)
+                Cv.lerp_(g.norm(dim=-2, keepdim=True).square_().div_(g.shape[-2]), w)
+            if add:                                     # G * rsqrt(R / mean R) * rsqrt(C)
                 r = R / R.mean(-2, keepdim=True)
                 u = g * r.rsqrt() * Cv.rsqrt()
             else:
@@ -187,8 +191,7 @@ class Adafactor(torch.optim.Optimizer):
                 u = v.clamp(min=eps1 * eps1).rsqrt() * g
         else:
             v = state["variance"]
-            v.lerp_(g2, w)
-            u = g * (v.rsqrt() if group["eps_mode"] == "add"
-                     else v.clamp(min=eps1 * eps1).rsqrt())
-        u = u / max(1.0, self._rms(u) / group["d"])
-        p.copy_(theta - alpha * u)
+            v.lerp_(g * g + (eps1 if add else 0.0), w)
+            u = g * (v.rsqrt() if add else v.clamp(min=eps1 * eps1).rsqrt())
+        denom = max(1.0, u.norm(2).item() / (math.sqrt(u.numel()) * group["d"]))
+        p.copy_(theta.add(u, alpha=-alpha / denom))
