@@ -478,8 +478,6 @@ class TimeMLP(torch.nn.Module):
 # t = sigma_max down to sigma_min: dx/dt = v(x, t) = (x - D(x, t)) / t (eq. pf-ode of
 # notebooks/amed-ode-sampler). Time runs DOWN, so every step size t_next - t_cur is < 0.
 # A time argument is a number or a tensor of shape [] or [B] (one time per batch row).
-from ._validate import check_tensor as _ode_check_tensor
-
 __all__ += [
     "edm_timesteps", "ode_velocity", "euler_step", "heun_step", "dpm2_step", "amed_step",
     "ode_sample", "AMEDScalars", "teacher_trajectory", "fit_amed", "trajectory_pca",
@@ -690,7 +688,7 @@ class AMEDScalars(torch.nn.Module):
 
 
 def _ode_check_ts(ts) -> list[float]:
-    _ode_check_tensor("ts", ts)
+    _check_tensor("ts", ts)
     if ts.dim() != 1 or ts.shape[0] < 2:
         raise ValueError(f"ts: expected a 1-D tensor of at least 2 times, got shape "
                          f"{tuple(ts.shape)}")

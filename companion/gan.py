@@ -4,21 +4,21 @@ Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._validate import check_choice, check_floating, check_int, check_range
 
 __all__: list[str] = []
 
 
 # === designing-gans ===
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ._validate import check_floating, check_int, check_range  # noqa: E402
-
 __all__ += ["mode_coverage"]
 
 
@@ -349,10 +349,6 @@ def design_from_omega_rho(omega, omega_inv, rho, domain, t_ref=None, *,
 
 
 # === idempotent-generative-network ===
-import torch.nn as nn  # noqa: E402
-
-from ._validate import check_choice, check_floating, check_int, check_range  # noqa: E402
-
 __all__ += ["ign_losses", "ign_losses_sg", "gan_single_loss_sg", "IGNMLP"]
 
 
