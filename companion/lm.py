@@ -320,3 +320,66 @@ def generate_topk(model: GPT, idx: torch.Tensor, max_new_tokens: int, k: int = 5
         if end_id is not None and bool(done.all()):
             break
     return idx
+
+
+__all__ += ["gpt_from_hf", "load_pretrained_gpt2"]
+
+# Hugging Face GPT-2 layout -> ours (their Conv1D stores weights [in, out]: transposed here).
+_HF_GPT2_BLOCK = {"ln_1": "ln1", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                  "ln_2": "ln2", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+_HF_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                        "gelu": "gelu", "relu": "relu"}
+
+
+def gpt_from_hf(hf_model) -> GPT:
+    """A :class:`GPT` ("gpt2" block order) with the weights of a Hugging Face ``GPT2LMHeadModel``.
+
+    ``hf_model`` is duck-typed (``.config`` with ``vocab_size, n_layer, n_head, n_embd,
+    n_positions, layer_norm_epsilon, activation_function``; ``.state_dict()``), so this module
+    never imports ``transformers``. The result computes the same logits (tests: float64, 1e-10)
+    and has no dropout, in eval mode. Raises ValueError for an activation or layout GPT cannot
+    hold (e.g. ``scale_attn_by_inverse_layer_idx``, untied output weights).
+    """
+    c = hf_model.config
+    act = getattr(c, "activation_function", "gelu_new")
+    if act not in _HF_GPT2_ACTIVATIONS:
+        raise ValueError(f"hf_model: activation_function {act!r} has no GPT equivalent "
+                         f"(expected one of {sorted(_HF_GPT2_ACTIVATIONS)})")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(c, flag, False):
+            raise ValueError(f"hf_model: config.{flag}=True is not supported")
+    if not getattr(c, "scale_attn_weights", True):
+        raise ValueError("hf_model: config.scale_attn_weights=False is not supported")
+    cfg = GPTConfig(vocab_size=c.vocab_size, num_layers=c.n_layer, num_heads=c.n_head,
+                    d_model=c.n_embd, block_size=c.n_positions, block_style="gpt2",
+                    activation=_HF_GPT2_ACTIVATIONS[act], layer_norm_eps=c.layer_norm_epsilon)
+    sd = hf_model.state_dict()
+    if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"],
+                                                  sd["transformer.wte.weight"]):
+        raise ValueError("hf_model: lm_head is not tied to the token embedding")
+    ours = {"tok_emb.weight": sd["transformer.wte.weight"],
+            "pos_emb.weight": sd["transformer.wpe.weight"],
+            "ln_f.weight": sd["transformer.ln_f.weight"],
+            "ln_f.bias": sd["transformer.ln_f.bias"]}
+    for i in range(c.n_layer):
+        for theirs, mine in _HF_GPT2_BLOCK.items():
+            w = sd[f"transformer.h.{i}.{theirs}.weight"]
+            ours[f"blocks.{i}.{mine}.weight"] = w if theirs.startswith("ln") else w.T
+            ours[f"blocks.{i}.{mine}.bias"] = sd[f"transformer.h.{i}.{theirs}.bias"]
+    ref = ours["tok_emb.weight"]
+    model = GPT(cfg).to(device=ref.device, dtype=ref.dtype).eval()
+    model.load_state_dict(ours)
+    return model
+
+
+def load_pretrained_gpt2(name_or_path: str = "gpt2"):
+    """``(GPT, GPT2LMHeadModel)``: a GPT-2 checkpoint loaded with ``transformers``'
+    ``GPT2LMHeadModel.from_pretrained(name_or_path)`` (a hub name when online, or a local
+    directory written by ``save_pretrained``) and converted by :func:`gpt_from_hf`.
+    Needs ``transformers``; raises its errors (e.g. ``OSError`` offline) unchanged."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise TypeError(f"name_or_path: expected a non-empty string, got {name_or_path!r}")
+    from transformers import GPT2LMHeadModel  # optional dependency, imported only here
+
+    hf = GPT2LMHeadModel.from_pretrained(name_or_path).eval()
+    return gpt_from_hf(hf), hf

@@ -153,8 +153,9 @@ class Adafactor(torch.optim.Optimizer):
 
     def _update(self, p, group, lr, c, eps1, eps2):
         work = torch.promote_types(p.dtype, torch.float32)
+        inplace = p.dtype == work                       # float32/float64: update p itself
         g = p.grad.to(work)
-        theta = p.to(work)
+        theta = p if inplace else p.to(work)
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
@@ -172,26 +173,31 @@ class Adafactor(torch.optim.Optimizer):
                else lr)
         alpha = rho * (max(eps2, self._rms(theta)) if group["scale_parameter"] else 1.0)
         if group["weight_decay"]:
-            theta = theta * (1 - (lr if lr is not None else rho) * group["weight_decay"])
+            decay = 1 - (lr if lr is not None else rho) * group["weight_decay"]
+            theta = theta.mul_(decay) if inplace else theta * decay
         add = group["eps_mode"] == "add"
         if g.dim() > 1:
+            # mean(G^2) over a row / a column without materialising G^2 (as torch does)
             R, Cv = state["row_var"], state["col_var"]
-            if add:
-                g2 = g * g + eps1
-                R.lerp_(g2.mean(-1, keepdim=True), w)
-                Cv.lerp_(g2.mean(-2, keepdim=True), w)
-            else:  # mean(G^2) as torch computes it, so that the two agree to rounding
-                R.lerp_(g.norm(dim=-1, keepdim=True).square_().div_(g.shape[-1]), w)
-                Cv.lerp_(g.norm(dim=-2, keepdim=True).square_().div_(g.shape[-2]), w)
+            row = g.norm(dim=-1, keepdim=True).square_().div_(g.shape[-1])
+            col = g.norm(dim=-2, keepdim=True).square_().div_(g.shape[-2])
+            if add:                                     # mean(G^2 + eps1)
+                row.add_(eps1)
+                col.add_(eps1)
+            R.lerp_(row, w)
+            Cv.lerp_(col, w)
             if add:                                     # G * rsqrt(R / mean R) * rsqrt(C)
-                r = R / R.mean(-2, keepdim=True)
-                u = g * r.rsqrt() * Cv.rsqrt()
+                u = (R / R.mean(-2, keepdim=True)).rsqrt_() * Cv.rsqrt()
             else:
-                v = (R @ Cv) / R.mean(-2, keepdim=True).clamp(min=eps1)
-                u = v.clamp(min=eps1 * eps1).rsqrt() * g
+                u = (R @ Cv).div_(R.mean(-2, keepdim=True).clamp(min=eps1))
+                u = u.clamp_(min=eps1 * eps1).rsqrt_()
         else:
             v = state["variance"]
             v.lerp_(g * g + (eps1 if add else 0.0), w)
-            u = g * (v.rsqrt() if add else v.clamp(min=eps1 * eps1).rsqrt())
+            u = v.rsqrt() if add else v.clamp(min=eps1 * eps1).rsqrt_()
+        u.mul_(g)
         denom = max(1.0, u.norm(2).item() / (math.sqrt(u.numel()) * group["d"]))
-        p.copy_(theta.add(u, alpha=-alpha / denom))
+        if inplace:
+            p.add_(u, alpha=-alpha / denom)
+        else:
+            p.copy_(theta.add_(u, alpha=-alpha / denom))
