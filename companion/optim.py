@@ -201,3 +201,206 @@ class Adafactor(torch.optim.Optimizer):
             p.add_(u, alpha=-alpha / denom)
         else:
             p.copy_(theta.add_(u, alpha=-alpha / denom))
+# === tiger-lion-embedding ===
+__all__ += ["Tiger", "sign_update_fixed_point", "sign_drift_closed_form", "adam_ghost_drift",
+            "lazy_rows_mask"]
+
+from ._validate import check_int, check_tensor  # noqa: E402
+
+
+def sign_update_fixed_point(weight_decay: float) -> float:
+    """The magnitude ``1/lambda`` at which a sign update with decoupled weight decay stops::
+
+        theta <- theta - eta (s + lambda theta),   s = sign(m) fixed   =>   theta* = -s / lambda
+
+    (eq. ``tiger-fixed-point``). It does not depend on the step size ``eta`` (nor on any positive
+    per-row multiplier of it, such as Tiger's RMS scaling): those set only the speed."""
+    check_range("weight_decay", weight_decay, 0.0, low_open=True)
+    return 1.0 / weight_decay
+
+
+def sign_drift_closed_form(theta0: torch.Tensor, sign: torch.Tensor, lr: float,
+                           weight_decay: float, steps) -> torch.Tensor:
+    """``theta_t`` after ``steps`` sign updates with a frozen sign (eq. ``tiger-drift``)::
+
+        theta_t = theta* + (1 - eta lambda)^t (theta0 - theta*),   theta* = -s / lambda
+
+    and ``theta0 - eta s t`` when ``lambda = 0``. ``theta0`` and ``sign`` broadcast; ``steps`` is an
+    int >= 0 or an integer tensor (broadcast too, e.g. ``arange(T)[:, None]`` for a trajectory).
+    Returns a tensor of ``theta0``'s floating dtype."""
+    check_floating("theta0", theta0)
+    check_tensor("sign", sign)
+    check_range("lr", lr, 0.0)
+    check_range("weight_decay", weight_decay, 0.0)
+    if lr * weight_decay >= 1.0:
+        raise ValueError(f"lr: expected lr * weight_decay < 1 (a contraction), got "
+                         f"{lr} * {weight_decay}")
+    if isinstance(steps, torch.Tensor):
+        if steps.is_floating_point() or steps.is_complex() or bool((steps < 0).any()):
+            raise ValueError("steps: expected non-negative integer steps")
+        t = steps.to(theta0.dtype)
+    else:
+        t = torch.tensor(float(check_int("steps", steps, 0)), dtype=theta0.dtype,
+                         device=theta0.device)
+    s = sign.to(theta0.dtype)
+    if weight_decay == 0.0:
+        return theta0 - lr * s * t
+    star = -s / weight_decay
+    return star + torch.pow(1.0 - lr * weight_decay, t) * (theta0 - star)
+
+
+def adam_ghost_drift(m0, v0, lr: float, betas: tuple = (0.9, 0.999), steps=None) -> torch.Tensor:
+    """Displacement Adam applies to a parameter whose gradient has become 0 (eq. ``adam-ghost``).
+
+    With ``m_s = beta1^s m0`` and ``v_s = beta2^s v0`` (bias corrections taken as 1, ``eps`` as
+    0), step ``s`` moves the parameter by ``-lr (m0/sqrt(v0)) r^s`` with ``r = beta1/sqrt(beta2)``,
+    so after ``steps`` steps (``None``: infinitely many) the total is::
+
+        -lr (m0 / sqrt(v0)) r (1 - r^steps) / (1 - r)
+
+    bounded in size by ``lr |m0|/sqrt(v0) / (1 - r)``. ``m0``, ``v0``: tensors (or floats) of the
+    moments at the last step with a gradient, ``v0 > 0``; ``r < 1`` is required."""
+    m0 = torch.as_tensor(m0)
+    v0 = torch.as_tensor(v0)
+    if not m0.is_floating_point():
+        m0 = m0.to(torch.get_default_dtype())
+    v0 = v0.to(m0.dtype)
+    check_range("lr", lr, 0.0)
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    check_range("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_range("betas[1]", betas[1], 0.0, 1.0, low_open=True, high_open=True)
+    r = betas[0] / math.sqrt(betas[1])
+    if r >= 1.0:
+        raise ValueError(f"betas: expected beta1 < sqrt(beta2) so that the ghost steps shrink, "
+                         f"got {tuple(betas)}")
+    if not bool((v0 > 0).all()):
+        raise ValueError("v0: expected a positive second moment")
+    tail = 0.0 if steps is None else r ** check_int("steps", steps, 0)
+    geom = r * (1.0 - tail) / (1.0 - r)
+    return -lr * geom * m0 / v0.sqrt()
+
+
+def lazy_rows_mask(grad: torch.Tensor) -> torch.Tensor:
+    """Rows of an embedding gradient ``grad [V, ...]`` that hold any non-zero entry: ``Bool[V]``,
+    True for the tokens of the batch (and any row a tied output layer touched). A lazy optimizer
+    updates only these rows and leaves the others, and their state, untouched."""
+    check_floating("grad", grad)
+    if grad.dim() < 2:
+        raise ValueError(f"grad: expected a gradient of rows [V, d], got shape {tuple(grad.shape)}")
+    if grad.is_sparse:
+        raise ValueError("grad: expected a dense gradient (nn.Embedding(sparse=False))")
+    return (grad != 0).flatten(1).any(-1)
+
+
+class Tiger(torch.optim.Optimizer):
+    """Tiger (Su, kexue.fm/archives/9512): sign momentum with one buffer per parameter
+    (eq. ``tiger``)::
+
+        m     <- beta m + (1 - beta) g
+        theta <- theta - eta [sign(m) + lambda theta],    eta = lr * RMS(theta)  (rms_scale)
+
+    ``rms_scale=True`` multiplies ``lr`` by the parameter's root-mean-square, over the whole tensor
+    for ``ndim >= 2``, row by row for a group tagged ``{"embedding": True}`` (bojone/tiger's
+    rule), and not at all for 1-D tensors (a zero-initialised bias would never move). A tensor
+    whose RMS is 0 (a zero-initialised matrix or row) stays where it is under ``rms_scale``.
+    bojone/tiger also halves the lr of biases/norms and drops their decay: give them a group.
+    With ``rms_scale=False`` and ``beta1 = beta2 = beta`` this is Lion with decoupled decay.
+
+    ``lazy_embeddings=True``: in groups tagged ``{"embedding": True}`` (2-D ``[V, d]``), rows whose
+    gradient is all zero (:func:`lazy_rows_mask`) are left bit-for-bit unchanged, momentum and
+    weight, so a token that stops appearing does not drift to ``-sign(m)/lambda``. It needs such a
+    group; gradients must be dense. State: ``momentum`` only (``state_dict`` round-trips).
+    The step runs through ``torch._foreach_*`` over each device/dtype bucket.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, beta: float = 0.965, weight_decay: float = 0.01,
+                 rms_scale: bool = True, lazy_embeddings: bool = False):
+        defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay, rms_scale=rms_scale,
+                        lazy_embeddings=lazy_embeddings, embedding=False)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        if lazy_embeddings and not any(g["embedding"] for g in self.param_groups):
+            raise ValueError("lazy_embeddings: True needs a param group tagged "
+                             "{'params': [embedding.weight], 'embedding': True}")
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("beta", group["beta"], 0.0, 1.0, high_open=True)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        for name in ("rms_scale", "lazy_embeddings", "embedding"):
+            if not isinstance(group[name], bool):
+                raise TypeError(f"{name}: expected a bool, got {type(group[name]).__name__}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        if group["embedding"]:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"params: an embedding group holds [V, d] tensors, got "
+                                     f"shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
+            buckets: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Tiger: sparse gradients are not supported; use "
+                                       "nn.Embedding(sparse=False) and lazy_embeddings=True")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["embedding"]:
+                    self._row_step(p, state["momentum"], group)
+                else:
+                    scaled = group["rms_scale"] and p.dim() >= 2
+                    buckets.setdefault((p.device, p.dtype, scaled), []).append(p)
+            for (_, _, scaled), ps in buckets.items():
+                grads = [p.grad for p in ps]
+                ms = [self.state[p]["momentum"] for p in ps]
+                torch._foreach_lerp_(ms, grads, 1.0 - beta)          # m <- beta m + (1-beta) g
+                u = torch._foreach_sign(ms)
+                if wd:
+                    torch._foreach_add_(u, ps, alpha=wd)              # u = sign(m) + lambda theta
+                if scaled:                                            # eta = lr * RMS(theta)
+                    eta = torch._foreach_norm(ps)
+                    torch._foreach_mul_(eta, [lr / math.sqrt(p.numel()) for p in ps])
+                    torch._foreach_mul_(u, eta)
+                    torch._foreach_sub_(ps, u)
+                else:
+                    torch._foreach_add_(ps, u, alpha=-lr)
+        return loss
+
+    @staticmethod
+    def _row_step(p: torch.Tensor, m: torch.Tensor, group: dict) -> None:
+        """One step of an embedding ``[V, d]``: row-wise RMS, and lazy rows when asked.
+
+        Lazy rows get ``beta = 1`` and ``eta = 0`` (per-row ``[V, 1]`` factors): with their
+        gradient 0, ``m`` and ``theta`` come out bit-for-bit unchanged, with one ``[V, d]``
+        temporary in all."""
+        g, beta, lr = p.grad, group["beta"], group["lr"]
+        if group["rms_scale"]:                                    # eta_k = lr * RMS(e_k)
+            eta = torch.linalg.vector_norm(p, dim=-1, keepdim=True).mul_(lr / p.shape[-1] ** 0.5)
+        else:
+            eta = torch.full((p.shape[0], 1), lr, dtype=p.dtype, device=p.device)
+        if group["lazy_embeddings"]:
+            keep = lazy_rows_mask(g).unsqueeze(-1)
+            m.mul_(torch.where(keep, beta, 1.0).to(m.dtype)).add_(g, alpha=1.0 - beta)
+            eta.mul_(keep)
+        else:
+            m.lerp_(g, 1.0 - beta)
+        u = torch.sign(m)
+        if group["weight_decay"]:
+            u.add_(p, alpha=group["weight_decay"])
+        p.sub_(u.mul_(eta))

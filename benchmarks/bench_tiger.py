@@ -1,0 +1,101 @@
+"""Tiger against lion-pytorch's Lion and torch's AdamW on a GPT of a few million parameters.
+
+    python benchmarks/bench_tiger.py                  # CPU, writes nothing; paste the table
+    python benchmarks/bench_tiger.py --device cuda
+
+companion.optim.Tiger (foreach over each device/dtype bucket; the token embedding in its own
+"embedding" group with row-wise RMS, with and without lazy rows; and without the RMS factor,
+the configuration that equals Lion with beta1 = beta2) beside lion_pytorch.Lion (a Python loop
+over parameters) and torch.optim.AdamW (foreach). Timed: optimizer.step() alone on fixed
+gradients, median of round-robin runs. The speed ratio is Lion's step time / ours (goal >= 1).
+State bytes from companion.memory.optimizer_state_bytes after one step (goal: one buffer).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from lion_pytorch import Lion
+from companion.lm import GPT, GPTConfig
+from companion.memory import optimizer_state_bytes
+from companion.optim import Tiger
+from _common import device_name, round_robin_median  # noqa: E402
+
+
+def round_robin_cpu_time(runs: dict, repeats: int) -> dict:
+    """Median process CPU seconds of each callable, taking turns: on a shared, loaded CPU the
+    wall clock also counts the time other processes hold the cores; CPU time does not."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.process_time()
+            run()
+            times[name].append(time.process_time() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def tiger_groups(params, names):
+    emb = [p for n, p in zip(names, params) if n == "tok_emb.weight"]
+    rest = [p for n, p in zip(names, params) if n != "tok_emb.weight"]
+    return [{"params": emb, "embedding": True}, {"params": rest}]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    cfg = GPTConfig(vocab_size=4096, num_layers=4, num_heads=4, d_model=256, block_size=128)
+    torch.manual_seed(0)
+    base = GPT(cfg).to(dev)
+    names = [n for n, _ in base.named_parameters()]
+    n = sum(p.numel() for p in base.parameters())
+    idx = torch.randint(0, cfg.vocab_size, (8, 128), device=dev)
+    base(idx, idx)[1].backward()
+    grads = [p.grad.clone() for p in base.parameters()]
+
+    makers = {
+        "companion Tiger (RMS, embedding rows)": lambda ps: Tiger(tiger_groups(ps, names)),
+        "companion Tiger (RMS, lazy rows)": lambda ps: Tiger(tiger_groups(ps, names),
+                                                             lazy_embeddings=True),
+        "companion Tiger (no RMS = Lion b1=b2)": lambda ps: Tiger(ps, rms_scale=False),
+        "lion-pytorch Lion": lambda ps: Lion(ps, lr=1e-4, weight_decay=0.01),
+        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    }
+    runs, state = {}, {}
+    for name, make in makers.items():
+        params = [torch.nn.Parameter(p.detach().clone()) for p in base.parameters()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = make(params)
+        opt.step()
+        state[name] = optimizer_state_bytes(opt)
+        runs[name] = opt.step
+    t = round_robin_median(runs, dev, warmup=2, repeats=args.repeats)
+    lion_t = t["lion-pytorch Lion"]
+    cpu = round_robin_cpu_time(runs, args.repeats) if dev.type == "cpu" else None
+    print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"GPT: {cfg.num_layers} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}: "
+          f"{n / 1e6:.2f}M parameters ({n * 4 / 2**20:.2f} MiB in float32); time of "
+          f"optimizer.step() on fixed gradients, median of {args.repeats}\n")
+    head = "| optimizer | wall time | speed ratio (Lion / this) |"
+    rule = "|---|---:|---:|"
+    if cpu:
+        head += " CPU time | CPU-time ratio (Lion / this) |"
+        rule += "---:|---:|"
+    print(head + " state bytes | state / parameter bytes |")
+    print(rule + "---:|---:|")
+    for name in makers:
+        row = f"| {name} | {t[name] * 1e3:.1f} ms | {lion_t / t[name]:.2f}x |"
+        if cpu:
+            row += (f" {cpu[name] * 1e3:.1f} ms | "
+                    f"{cpu['lion-pytorch Lion'] / cpu[name]:.2f}x |")
+        print(row + f" {state[name] / 2**20:.2f} MiB | {state[name] / (4 * n):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
