@@ -183,5 +183,233 @@ def first_update_change(model, loss_fn, batch, make_optimizer) -> dict[str, floa
     }
 
 
-
 # === lossless-model-expansion ===
+import dataclasses as _dataclasses
+import math as _math
+import re as _re
+
+from ._validate import check_floating as _check_floating, check_int as _check_int
+from ._validate import check_range as _check_range, check_tensor as _check_tensor
+
+__all__ += ["repeat_expand", "expand_linear", "expand_layernorm", "expand_attention",
+            "expand_gpt_state"]
+
+
+def repeat_expand(x: torch.Tensor, k: int = 2, dim: int = -1, pairwise: bool = False,
+                  scale: bool = True) -> torch.Tensor:
+    """The widening map ``x~ = E x`` of eq. (expand-map): every component of ``x`` along ``dim``
+    is repeated ``k`` times in place, ``[x1, x2] -> [x1, x1, x2, x2]`` (``k = 2``), and divided by
+    ``sqrt(k)`` (``scale=False``: plain repetition). ``pairwise=True`` repeats consecutive pairs
+    instead, ``[x1, x2, x3, x4] -> [x1, x2, x1, x2, x3, x4, x3, x4]`` (the RoPE layout, eq.
+    rope-pairs). The size along ``dim`` goes from ``n`` to ``k n``; with ``scale`` the map is an
+    isometry, ``|E x| = |x|``."""
+    _check_tensor("x", x)
+    _check_int("k", k, 1)
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim: expected an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    if scale and not x.is_floating_point():
+        raise TypeError(f"x: scale=True needs a floating-point tensor, got dtype {x.dtype}")
+    n = x.shape[dim]
+    if pairwise:
+        if n % 2:
+            raise ValueError(f"x: pairwise=True needs an even size along dim={dim}, got {n}")
+        y = x.movedim(dim, -1).unflatten(-1, (n // 2, 2))
+        y = y.repeat_interleave(k, dim=-2).flatten(-2).movedim(-1, dim)
+    else:
+        y = x.repeat_interleave(k, dim=dim)
+    return y / _math.sqrt(k) if scale else y
+
+
+def _check_factor(name, value):
+    _check_range(name, value)
+    if not _math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def expand_linear(weight: torch.Tensor, bias: torch.Tensor | None, k: int, in_factor: float,
+                  out_factor: float, pairwise_out: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Widen a linear layer ``y = W x + b`` (torch layout: ``weight [out, in]``, ``bias [out]``)
+    by ``k`` on both axes, eq. (expand-linear)::
+
+        W~ = out_factor * in_factor * R_out W R_in^T,     b~ = out_factor * R_out b
+
+    with ``R`` the plain repetition (``pairwise_out`` repeats output pairs). If the wide input
+    is ``a R x``, the wide output is ``(in_factor k a) out_factor R (W x) + out_factor R b``:
+    choose ``in_factor = 1 / (k a)`` (``1/sqrt(k)`` for an ``E``-mapped input, ``1/k`` for a
+    plainly repeated one) and the output is ``out_factor R y`` (``out_factor = 1/sqrt(k)``: the
+    output is ``E y``). Returns ``(weight [k out, k in], bias [k out] | None)``."""
+    _check_floating("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape [out, in], got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_floating("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (out), got "
+                             f"{tuple(bias.shape)}")
+    _check_int("k", k, 1)
+    in_factor = _check_factor("in_factor", in_factor)
+    out_factor = _check_factor("out_factor", out_factor)
+    if pairwise_out and weight.shape[0] % 2:
+        raise ValueError(f"weight: pairwise_out=True needs an even number of outputs, got "
+                         f"{weight.shape[0]}")
+    w = repeat_expand(weight, k, dim=0, pairwise=pairwise_out, scale=False)
+    w = repeat_expand(w, k, dim=1, scale=False) * (out_factor * in_factor)
+    b = None
+    if bias is not None:
+        b = repeat_expand(bias, k, dim=0, pairwise=pairwise_out, scale=False) * out_factor
+    return w, b
+
+
+def expand_layernorm(gamma: torch.Tensor, beta: torch.Tensor | None, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Widen a LayerNorm's ``gamma [d]`` and ``beta [d]`` (or None) to ``E gamma``, ``E beta``
+    ``[k d]``, eq. (expand-ln): then ``LN~(E x) = E LN(x)`` exactly, provided the wide layer
+    uses ``eps / k`` (the variance of ``E x`` is ``var(x) / k``)."""
+    _check_floating("gamma", gamma)
+    if gamma.dim() != 1:
+        raise ValueError(f"gamma: expected shape [d], got {tuple(gamma.shape)}")
+    if beta is not None:
+        _check_floating("beta", beta)
+        if beta.shape != gamma.shape:
+            raise ValueError(f"beta: expected the shape of gamma {tuple(gamma.shape)}, got "
+                             f"{tuple(beta.shape)}")
+    _check_int("k", k, 1)
+    return (repeat_expand(gamma, k),
+            None if beta is None else repeat_expand(beta, k))
+
+
+def expand_attention(wq, bq, wk, bk, wv, bv, wo, bo, k: int, scaled: bool = True,
+                     rope: bool = False) -> tuple:
+    """Widen multi-head attention by ``k`` (same number of heads, head size times ``k``),
+    eqs. (expand-qk) and (expand-vo). Weights in torch layout ``[out, in]``, biases ``[out]``
+    or None; the heads are contiguous blocks of the projections' outputs (as in SDPA models and
+    ``nn.MultiheadAttention``). Queries and keys get ``E`` times ``k**0.25`` when the scores are
+    divided by ``sqrt(head size)`` (``scaled``), so that ``q~.k~ / sqrt(k d_h) = q.k /
+    sqrt(d_h)``; values and the output projection get ``E``. ``rope=True`` repeats query/key
+    components in pairs (only approximately lossless: the wide head's RoPE frequencies differ).
+    Returns ``(wq, bq, wk, bk, wv, bv, wo, bo)`` widened; input and output are ``E``-mapped."""
+    _check_int("k", k, 1)
+    names = ("wq", "wk", "wv", "wo")
+    for name, w in zip(names, (wq, wk, wv, wo)):
+        _check_floating(name, w)
+        if w.dim() != 2:
+            raise ValueError(f"{name}: expected shape [out, in], got {tuple(w.shape)}")
+    if wq.shape != wk.shape:
+        raise ValueError(f"wk: expected the shape of wq {tuple(wq.shape)}, got "
+                         f"{tuple(wk.shape)}")
+    if wo.shape[1] != wv.shape[0]:
+        raise ValueError(f"wo: expected {wv.shape[0]} inputs (the rows of wv), got "
+                         f"{wo.shape[1]}")
+    s = 1.0 / _math.sqrt(k)
+    s_qk = s * k ** 0.25 if scaled else s
+    out = []
+    for name, (w, b, f, pair) in zip(names, ((wq, bq, s_qk, rope), (wk, bk, s_qk, rope),
+                                             (wv, bv, s, False), (wo, bo, s, False))):
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"b{name[1]}: expected shape [{w.shape[0]}], got "
+                             f"{tuple(b.shape)}")
+        out.extend(expand_linear(w, b, k, s, f, pairwise_out=pair))
+    return tuple(out)
+
+
+_GPT_KEY = _re.compile(r"^(tok_emb|pos_emb|emb_ln|ln_f|head)\.(weight|bias)$|"
+                       r"^blocks\.(\d+)\.(ln1|ln2|attn\.qkv|attn\.proj|mlp\.fc|mlp\.proj)"
+                       r"\.(weight|bias)$")
+
+
+def expand_gpt_state(state_dict, cfg, k: int = 2, noise_std: float = 0.0,
+                     generator: torch.Generator | None = None):
+    """Widen a ``companion.lm.GPT`` by ``k``: returns ``(state_dict, cfg)`` of a model with
+    ``d_model * k`` and the same layers and heads whose logits equal the original's.
+
+    Every hidden vector becomes ``E h`` (eq. expand-map): embeddings and LayerNorms by
+    :func:`expand_layernorm`'s rule, attention by :func:`expand_attention` (the fused ``qkv``
+    is split into q, k, v), the MLP by eq. (expand-linear) with ``E`` on both layers for
+    ``activation="relu"`` and the GeLU map of eq. (expand-gelu) otherwise; a tied output
+    ``h E^T`` is unchanged, an untied ``head`` gets ``W E^T``. The config comes back through
+    ``dataclasses.replace`` with ``d_model * k`` and ``layer_norm_eps / k`` (exactness needs
+    it). Works for the three block styles. ``noise_std > 0`` adds i.i.d. ``N(0, noise_std^2)``
+    noise (from ``generator``) to every expanded weight matrix (embeddings, linear weights) to
+    break the symmetry between copies; biases and LayerNorms stay exact.
+    ``cfg`` is any dataclass with the fields of ``GPTConfig``; ``state_dict`` maps its keys
+    (``tok_emb``, ``pos_emb``, ``emb_ln``, ``blocks.{i}.{ln1, attn.qkv, attn.proj, ln2,
+    mlp.fc, mlp.proj}``, ``ln_f``, ``head``) to floating-point tensors."""
+    if not _dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"cfg: expected a GPTConfig-like dataclass instance, got "
+                        f"{type(cfg).__name__}")
+    for field in ("d_model", "num_heads", "activation", "layer_norm_eps"):
+        if not hasattr(cfg, field):
+            raise TypeError(f"cfg: expected a GPTConfig-like dataclass with a {field!r} field")
+    if not hasattr(state_dict, "items"):
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
+                        f"{type(state_dict).__name__}")
+    _check_int("k", k, 1)
+    _check_range("noise_std", noise_std, 0.0)
+    if cfg.activation not in ("relu", "gelu", "gelu_tanh"):
+        raise ValueError(f"cfg.activation: expected one of 'relu' | 'gelu' | 'gelu_tanh', got "
+                         f"{cfg.activation!r}")
+    d = cfg.d_model
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"state_dict[{name!r}]: expected a floating-point tensor, got "
+                            f"{what}")
+        if not _GPT_KEY.match(name):
+            raise ValueError(f"state_dict: unexpected key {name!r} (not in the GPT layout)")
+    s = 1.0 / _math.sqrt(k)
+    relu = cfg.activation == "relu"
+    # MLP factors (in_factor, out_factor): ReLU commutes with E; GeLU sees plain repeats
+    fc_f, proj_f = ((s, s), (s, s)) if relu else ((s, 1.0), (1.0 / k, s))
+    new = {}
+
+    def get(name):
+        return state_dict.get(name)
+
+    for name in state_dict:
+        stem, _, kind = name.rpartition(".")
+        if name in new or kind not in ("weight", "bias"):
+            continue
+        t = state_dict[name]
+        if stem in ("tok_emb", "pos_emb"):
+            new[name] = repeat_expand(t, k, dim=-1)
+        elif stem == "head":  # untied output W [V, d]: W E^T leaves W h unchanged
+            new[name] = repeat_expand(t, k, dim=-1)
+        elif stem in ("emb_ln", "ln_f") or stem.endswith((".ln1", ".ln2")):
+            g, b = expand_layernorm(get(stem + ".weight"), get(stem + ".bias"), k)
+            new[stem + ".weight"] = g
+            if b is not None:
+                new[stem + ".bias"] = b
+        elif stem.endswith(".attn.qkv") or stem.endswith(".attn.proj"):
+            base = stem.rsplit(".", 1)[0]
+            wqkv, bqkv = get(base + ".qkv.weight"), get(base + ".qkv.bias")
+            if wqkv is None or wqkv.shape != (3 * d, d):
+                raise ValueError(f"state_dict[{base + '.qkv.weight'!r}]: expected shape "
+                                 f"[{3 * d}, {d}], got "
+                                 f"{None if wqkv is None else tuple(wqkv.shape)}")
+            wq, wk, wv = wqkv.chunk(3, dim=0)
+            bq, bk, bv = (None,) * 3 if bqkv is None else bqkv.chunk(3, dim=0)
+            wo, bo = get(base + ".proj.weight"), get(base + ".proj.bias")
+            e = expand_attention(wq, bq, wk, bk, wv, bv, wo, bo, k, scaled=True)
+            new[base + ".qkv.weight"] = torch.cat(e[0:6:2], dim=0)
+            if bqkv is not None:
+                new[base + ".qkv.bias"] = torch.cat(e[1:6:2], dim=0)
+            new[base + ".proj.weight"] = e[6]
+            if bo is not None:
+                new[base + ".proj.bias"] = e[7]
+        elif stem.endswith((".mlp.fc", ".mlp.proj")):
+            f = fc_f if stem.endswith(".fc") else proj_f
+            w, b = expand_linear(get(stem + ".weight"), get(stem + ".bias"), k, *f)
+            new[stem + ".weight"] = w
+            if b is not None:
+                new[stem + ".bias"] = b
+    if noise_std > 0:
+        for name, t in new.items():
+            if t.dim() == 2:
+                noise = torch.randn(t.shape, generator=generator, dtype=t.dtype,
+                                    device=generator.device if generator is not None
+                                    else t.device)
+                new[name] = t + noise_std * noise.to(t.device)
+    new_cfg = _dataclasses.replace(cfg, d_model=d * k, layer_norm_eps=cfg.layer_norm_eps / k)
+    return new, new_cfg

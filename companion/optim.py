@@ -201,6 +201,8 @@ class Adafactor(torch.optim.Optimizer):
             p.add_(u, alpha=-alpha / denom)
         else:
             p.copy_(theta.add_(u, alpha=-alpha / denom))
+
+
 # === tiger-lion-embedding ===
 __all__ += ["Tiger", "sign_update_fixed_point", "sign_drift_closed_form", "adam_ghost_drift",
             "lazy_rows_mask"]
