@@ -22,7 +22,7 @@ _SCALE_ENV = "COMPANION_SCALE"
 _THREADS_ENV = "COMPANION_NUM_THREADS"
 _SUBMODULES = {
     "attention", "data", "diffusion", "gan", "geometry", "init", "lm", "losses",
-    "memory", "numbers", "optim", "position", "quantize", "rnn", "ssl", "vae",
+    "memory", "numbers", "optim", "peft", "position", "quantize", "rnn", "ssl", "vae",
     "variational"
 }
 
