@@ -21,9 +21,9 @@ SCALES = ("ci", "full")
 _SCALE_ENV = "COMPANION_SCALE"
 _THREADS_ENV = "COMPANION_NUM_THREADS"
 _SUBMODULES = {
-    "attention", "data", "diffusion", "gan", "geometry", "init", "lm", "losses",
-    "memory", "numbers", "optim", "peft", "position", "quantize", "rnn", "ssl", "vae",
-    "variational"
+    "attention", "data", "diffusion", "gan", "geometry", "heads", "init", "lm",
+    "losses", "memory", "numbers", "optim", "peft", "position", "quantize", "rnn",
+    "ssl", "vae", "variational"
 }
 
 
