@@ -426,3 +426,93 @@ class ParallelIterRNN(nn.Module):
         return y
 
 # === end parallel-nonlinear-rnn ===
+
+
+# === lra-pretraining ===
+__all__ += ["DiagonalLinearRNN"]
+
+import math
+
+
+class DiagonalLinearRNN(nn.Module):
+    """An LRU-style diagonal linear recurrence (Orvieto et al. 2023), one ``linear_scan`` over time.
+
+        h_t = lambda * h_{t-1} + gamma * (B x_t),   y_t = Re(C h_t) + D * x_t,   h_0 = 0
+        lambda_j = exp(-exp(nu_j) + i exp(theta_j)),  gamma_j = exp(g_j)  (eq. lra-lru)
+
+    ``lambda`` (``[d_state]``, complex) has |lambda_j| = exp(-exp(nu_j)) <= 1 for every real
+    nu_j, so no training step can make the recurrence explode. At initialisation the
+    eigenvalues are uniform on the ring r_min <= |lambda| <= r_max (uniform in area) with phases
+    uniform in [0, max_phase], and g_j = log sqrt(1 - |lambda_j|^2) (trainable afterwards), the
+    normalisation that keeps the stationary state variance of white-noise input equal to that of
+    the input (eq. lra-gamma). B (``[d_state, d_model]``) and C (``[d_model, d_state]``) are
+    complex, D (``[d_model]``) real. Parameters are real tensors; the complex ones are built in
+    ``forward``, so ``.double()`` gives complex128 and the default float32 gives complex64.
+
+    ``forward(x [B, n, d_model]) -> [B, n, d_model]`` (real, the dtype of the parameters; the
+    recurrence itself runs in float32 or wider, also after ``.half()`` / ``.bfloat16()``).
+    """
+
+    def __init__(self, d_model: int, d_state: int, r_min: float = 0.9, r_max: float = 0.999,
+                 max_phase: float = 6.283):
+        super().__init__()
+        self.d_model = check_int("d_model", d_model, 1)
+        self.d_state = check_int("d_state", d_state, 1)
+        check_range("r_min", r_min, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("r_max", r_max, 0.0, 1.0, low_open=True, high_open=True)
+        if not r_min < r_max:
+            raise ValueError(f"r_min, r_max: expected 0 < r_min < r_max < 1, "
+                             f"got r_min={r_min!r}, r_max={r_max!r}")
+        check_range("max_phase", max_phase, 0.0, low_open=True)
+        self.r_min, self.r_max, self.max_phase = float(r_min), float(r_max), float(max_phase)
+        self.nu_log = nn.Parameter(torch.empty(d_state))
+        self.theta_log = nn.Parameter(torch.empty(d_state))
+        self.gamma_log = nn.Parameter(torch.empty(d_state))
+        self.B_re = nn.Parameter(torch.empty(d_state, d_model))
+        self.B_im = nn.Parameter(torch.empty(d_state, d_model))
+        self.C_re = nn.Parameter(torch.empty(d_model, d_state))
+        self.C_im = nn.Parameter(torch.empty(d_model, d_state))
+        self.D = nn.Parameter(torch.empty(d_model))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The ring initialisation (draws from torch's global generator)."""
+        u1, u2 = torch.rand(self.d_state), torch.rand(self.d_state)
+        # |lambda|^2 uniform in [r_min^2, r_max^2]: uniform in the ring's area
+        nu = -0.5 * torch.log(u1 * (self.r_max ** 2 - self.r_min ** 2) + self.r_min ** 2)
+        self.nu_log.copy_(torch.log(nu))
+        self.theta_log.copy_(torch.log(self.max_phase * u2.clamp(min=1e-6)))
+        self.gamma_log.copy_(0.5 * torch.log(-torch.expm1(-2 * nu)))  # log sqrt(1 - |lambda|^2)
+        nn.init.normal_(self.B_re, std=1 / math.sqrt(2 * self.d_model))
+        nn.init.normal_(self.B_im, std=1 / math.sqrt(2 * self.d_model))
+        nn.init.normal_(self.C_re, std=1 / math.sqrt(self.d_state))
+        nn.init.normal_(self.C_im, std=1 / math.sqrt(self.d_state))
+        nn.init.normal_(self.D)
+
+    def eigenvalues(self) -> torch.Tensor:
+        """lambda = exp(-exp(nu) + i exp(theta)), complex ``[d_state]``."""
+        return torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_floating("x", x)
+        if x.is_complex() or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected a real tensor of shape (B, n, d_model={self.d_model}), "
+                             f"got {tuple(x.shape)} of dtype {x.dtype}")
+        # the recurrence runs in float32 at least (complex half precision is not supported
+        # everywhere, and |lambda| near 1 needs the mantissa); the output has the layer's dtype
+        out_dtype = self.D.dtype
+        work = torch.promote_types(out_dtype, torch.float32)
+        p = {name: t.to(work) for name, t in self.named_parameters(recurse=False)}
+        x = x.to(work)
+        B = torch.complex(p["B_re"], p["B_im"]) * torch.exp(p["gamma_log"]).unsqueeze(-1)
+        C = torch.complex(p["C_re"], p["C_im"])
+        lam = torch.exp(torch.complex(-torch.exp(p["nu_log"]), torch.exp(p["theta_log"])))
+        h = linear_scan(lam, x.to(B.dtype) @ B.mT)  # [B, n, d_state], eq. lra-lru
+        return ((h @ C.mT).real + p["D"] * x).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_state={self.d_state}, r_min={self.r_min}, "
+                f"r_max={self.r_max}, max_phase={self.max_phase}")
+
+# === end lra-pretraining ===

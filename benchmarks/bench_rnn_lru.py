@@ -1,0 +1,88 @@
+"""DiagonalLinearRNN (the LRU layer) through rnn.linear_scan against a Python loop over time.
+
+    python benchmarks/bench_rnn_lru.py                  # CPU: d_model = d_state = 64, batch 4
+    python benchmarks/bench_rnn_lru.py --device cuda    # GPU: add --batch-size 16 --d-model 256
+
+Both paths compute the same layer from the same parameters (eq. lra-lru of the lra-pretraining
+notebook): h_t = lambda * h_{t-1} + gamma * (B x_t), y_t = Re(C h_t) + D * x_t. The scan path is
+``DiagonalLinearRNN.forward`` (one ``linear_scan``, log-depth odd-even reduction); the loop path
+takes T sequential steps. Their outputs are checked to agree before timing. Prints a markdown table
+of the median forward + backward time (round robin, one run) and the loop / scan ratio, with the
+device named, and writes it to benchmarks/results/lru-scan-<cpu|cuda>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from companion.rnn import DiagonalLinearRNN
+from _common import device_name, round_robin_median  # noqa: E402
+
+
+def forward_loop(m: DiagonalLinearRNN, x: torch.Tensor) -> torch.Tensor:
+    """The same layer, one time step at a time."""
+    lam = m.eigenvalues()
+    Bg = torch.complex(m.B_re, m.B_im) * torch.exp(m.gamma_log).unsqueeze(-1)
+    C = torch.complex(m.C_re, m.C_im)
+    Bu = x.to(Bg.dtype) @ Bg.mT                         # all inputs at once: not the recurrence
+    h = torch.zeros(x.shape[0], m.d_state, dtype=Bg.dtype, device=x.device)
+    states = []
+    for t in range(x.shape[1]):
+        h = lam * h + Bu[:, t]
+        states.append(h)
+    return (torch.stack(states, 1) @ C.mT).real + m.D * x
+
+
+def step_of(fn, m, x):
+    def step():
+        m.zero_grad(set_to_none=True)
+        fn(m, x).square().mean().backward()
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-state", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (round robin)")
+    p.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/)")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    m = DiagonalLinearRNN(args.d_model, args.d_state).to(device)
+    lines = [f"device: {device_name(device)} ({device.type}), float32 / complex64, "
+             f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+             f"d_model={args.d_model}, d_state={args.d_state}, batch={args.batch_size}; "
+             "median of one forward + backward (round robin); goal: the scan faster than the "
+             "loop at T = 4096", "",
+             "| T | scan fwd+bwd | loop fwd+bwd | loop / scan |", "|---:|---:|---:|---:|"]
+    for line in lines:
+        print(line)
+    for T in args.lengths:
+        x = torch.randn(args.batch_size, T, args.d_model, device=device)
+        with torch.no_grad():
+            ref, got = forward_loop(m, x), m(x)
+            err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-4, f"scan and loop disagree at T={T}: relative error {err:.1e}"
+        t = round_robin_median({"scan": step_of(DiagonalLinearRNN.__call__, m, x),
+                                "loop": step_of(forward_loop, m, x)},
+                               device, warmup=1, repeats=args.repeats)
+        row = (f"| {T} | {t['scan'] * 1e3:.1f} ms | {t['loop'] * 1e3:.1f} ms | "
+               f"{t['loop'] / t['scan']:.1f}x |")
+        print(row, flush=True)
+        lines.append(row)
+    command = "python benchmarks/bench_rnn_lru.py " + " ".join(sys.argv[1:])
+    lines += ["", f"command: `{command.strip()}`"]
+    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
+                                           f"lru-scan-{device.type}.md")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
