@@ -13,8 +13,6 @@ State bytes from companion.memory.optimizer_state_bytes after one step (goal: on
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from lion_pytorch import Lion
@@ -22,18 +20,6 @@ from companion.lm import GPT, GPTConfig
 from companion.memory import optimizer_state_bytes
 from companion.optim import Tiger
 from _common import device_name, round_robin_median  # noqa: E402
-
-
-def round_robin_cpu_time(runs: dict, repeats: int) -> dict:
-    """Median process CPU seconds of each callable, taking turns: on a shared, loaded CPU the
-    wall clock also counts the time other processes hold the cores; CPU time does not."""
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.process_time()
-            run()
-            times[name].append(time.process_time() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def tiger_groups(params, names):
@@ -76,25 +62,17 @@ def main() -> None:
         runs[name] = opt.step
     t = round_robin_median(runs, dev, warmup=2, repeats=args.repeats)
     lion_t = t["lion-pytorch Lion"]
-    cpu = round_robin_cpu_time(runs, args.repeats) if dev.type == "cpu" else None
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"GPT: {cfg.num_layers} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}: "
           f"{n / 1e6:.2f}M parameters ({n * 4 / 2**20:.2f} MiB in float32); time of "
           f"optimizer.step() on fixed gradients, median of {args.repeats}\n")
-    head = "| optimizer | wall time | speed ratio (Lion / this) |"
-    rule = "|---|---:|---:|"
-    if cpu:
-        head += " CPU time | CPU-time ratio (Lion / this) |"
-        rule += "---:|---:|"
-    print(head + " state bytes | state / parameter bytes |")
-    print(rule + "---:|---:|")
+    print("| optimizer | step time | speed ratio (Lion / this) | state bytes | "
+          "state / parameter bytes |")
+    print("|---|---:|---:|---:|---:|")
     for name in makers:
-        row = f"| {name} | {t[name] * 1e3:.1f} ms | {lion_t / t[name]:.2f}x |"
-        if cpu:
-            row += (f" {cpu[name] * 1e3:.1f} ms | "
-                    f"{cpu['lion-pytorch Lion'] / cpu[name]:.2f}x |")
-        print(row + f" {state[name] / 2**20:.2f} MiB | {state[name] / (4 * n):.2f} |")
+        print(f"| {name} | {t[name] * 1e3:.1f} ms | {lion_t / t[name]:.2f}x | "
+              f"{state[name] / 2**20:.2f} MiB | {state[name] / (4 * n):.2f} |")
 
 
 if __name__ == "__main__":

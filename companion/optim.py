@@ -105,8 +105,8 @@ class Adafactor(torch.optim.Optimizer):
     ``"clamp"`` is ``torch.optim.Adafactor``'s: ``mean(R)`` clamped below by ``eps1`` and
     ``V_hat`` by ``eps1^2`` (with ``eps1=None`` the dtype's machine epsilon). With
     ``eps_mode="clamp"``, ``relative_step=True``, ``scale_parameter=True`` and the same ``lr``,
-    ``eps``, ``d`` and ``weight_decay``, the steps equal torch's; torch's own class is the faster
-    one (a foreach path) and the one to use in practice.
+    ``eps``, ``d`` and ``weight_decay``, the steps equal torch's, at the same speed on a CPU
+    (``benchmarks/results/adafactor-cpu.md``; on CUDA torch's foreach path is faster).
     """
 
     def __init__(self, params, lr: float | None = None, beta2_decay: float = -0.8,
@@ -292,7 +292,9 @@ def lazy_rows_mask(grad: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"grad: expected a gradient of rows [V, d], got shape {tuple(grad.shape)}")
     if grad.is_sparse:
         raise ValueError("grad: expected a dense gradient (nn.Embedding(sparse=False))")
-    return (grad != 0).flatten(1).any(-1)
+    # the L1 norm of a row is 0 exactly when every entry is 0 (no squares to underflow, and a
+    # NaN or inf row counts as touched); one reduction, no [V, d] boolean temporary
+    return torch.linalg.vector_norm(grad.flatten(1), 1, dim=-1) != 0
 
 
 class Tiger(torch.optim.Optimizer):
@@ -388,21 +390,21 @@ class Tiger(torch.optim.Optimizer):
     def _row_step(p: torch.Tensor, m: torch.Tensor, group: dict) -> None:
         """One step of an embedding ``[V, d]``: row-wise RMS, and lazy rows when asked.
 
-        Lazy rows get ``beta = 1`` and ``eta = 0`` (per-row ``[V, 1]`` factors): with their
-        gradient 0, ``m`` and ``theta`` come out bit-for-bit unchanged, with one ``[V, d]``
-        temporary in all."""
+        Lazy rows get ``beta = 1`` and ``eta = 0`` (per-row ``[V, 1]`` factors: a lerp weight of
+        0, a step of 0): with their gradient 0, ``m`` and ``theta`` come out bit-for-bit
+        unchanged, with one ``[V, d]`` temporary in all."""
         g, beta, lr = p.grad, group["beta"], group["lr"]
         if group["rms_scale"]:                                    # eta_k = lr * RMS(e_k)
             eta = torch.linalg.vector_norm(p, dim=-1, keepdim=True).mul_(lr / p.shape[-1] ** 0.5)
         else:
             eta = torch.full((p.shape[0], 1), lr, dtype=p.dtype, device=p.device)
         if group["lazy_embeddings"]:
-            keep = lazy_rows_mask(g).unsqueeze(-1)
-            m.mul_(torch.where(keep, beta, 1.0).to(m.dtype)).add_(g, alpha=1.0 - beta)
+            keep = lazy_rows_mask(g).unsqueeze(-1).to(m.dtype)        # [V, 1] of 0 / 1
+            m.lerp_(g, keep * (1.0 - beta))                           # weight 0: m unchanged
             eta.mul_(keep)
         else:
             m.lerp_(g, 1.0 - beta)
         u = torch.sign(m)
         if group["weight_decay"]:
             u.add_(p, alpha=group["weight_decay"])
-        p.sub_(u.mul_(eta))
+        p.addcmul_(u, eta, value=-1.0)                                # theta -= eta u
