@@ -93,3 +93,22 @@ def run_worker(cmd: list) -> int | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int):
+    """``(seconds, state_bytes)`` per optimizer: each ``makers[name](params)`` gets its own copy
+    of ``base``'s parameters holding ``base``'s gradients (fixed: only ``step()`` is timed, round
+    robin, median); state bytes are read after the first step."""
+    from companion.memory import optimizer_state_bytes
+
+    grads = [p.grad.clone() for p in base.parameters()]
+    runs, state = {}, {}
+    for name, make in makers.items():
+        params = [torch.nn.Parameter(p.detach().clone()) for p in base.parameters()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = make(params)
+        opt.step()
+        state[name] = optimizer_state_bytes(opt)
+        runs[name] = opt.step
+    return round_robin_median(runs, device, warmup=warmup, repeats=repeats), state

@@ -15,9 +15,8 @@ import argparse
 
 import torch
 from companion.lm import GPT, GPTConfig
-from companion.memory import optimizer_state_bytes
 from companion.optim import Adafactor
-from _common import device_name, round_robin_median  # noqa: E402
+from _common import device_name, time_optimizer_steps  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +31,6 @@ def main() -> None:
     n = sum(p.numel() for p in base.parameters())
     idx = torch.randint(0, cfg.vocab_size, (4, 128), device=dev)
     base(idx, idx)[1].backward()
-    grads = [p.grad.clone() for p in base.parameters()]
 
     makers = {
         "companion Adafactor (clamp)": lambda ps: Adafactor(ps, lr=1e-2, eps=(None, 1e-3),
@@ -41,16 +39,7 @@ def main() -> None:
         "torch Adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
         "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     }
-    runs, state = {}, {}
-    for name, make in makers.items():
-        params = [torch.nn.Parameter(p.detach().clone()) for p in base.parameters()]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt = make(params)
-        opt.step()
-        state[name] = optimizer_state_bytes(opt)
-        runs[name] = opt.step
-    t = round_robin_median(runs, dev, warmup=1, repeats=args.repeats)
+    t, state = time_optimizer_steps(base, makers, dev, warmup=1, repeats=args.repeats)
     ref_t, ref_s = t["torch Adafactor"], state["torch Adafactor"]
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")

@@ -17,9 +17,8 @@ import argparse
 import torch
 from lion_pytorch import Lion
 from companion.lm import GPT, GPTConfig
-from companion.memory import optimizer_state_bytes
 from companion.optim import Tiger
-from _common import device_name, round_robin_median  # noqa: E402
+from _common import device_name, time_optimizer_steps  # noqa: E402
 
 
 def tiger_groups(params, names):
@@ -41,7 +40,6 @@ def main() -> None:
     n = sum(p.numel() for p in base.parameters())
     idx = torch.randint(0, cfg.vocab_size, (8, 128), device=dev)
     base(idx, idx)[1].backward()
-    grads = [p.grad.clone() for p in base.parameters()]
 
     makers = {
         "companion Tiger (RMS, embedding rows)": lambda ps: Tiger(tiger_groups(ps, names)),
@@ -51,16 +49,7 @@ def main() -> None:
         "lion-pytorch Lion": lambda ps: Lion(ps, lr=1e-4, weight_decay=0.01),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     }
-    runs, state = {}, {}
-    for name, make in makers.items():
-        params = [torch.nn.Parameter(p.detach().clone()) for p in base.parameters()]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        opt = make(params)
-        opt.step()
-        state[name] = optimizer_state_bytes(opt)
-        runs[name] = opt.step
-    t = round_robin_median(runs, dev, warmup=2, repeats=args.repeats)
+    t, state = time_optimizer_steps(base, makers, dev, warmup=2, repeats=args.repeats)
     lion_t = t["lion-pytorch Lion"]
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
