@@ -164,3 +164,20 @@ def test_last_cell_links_to_the_api_reference(path):
     assert tasks.API_CELL_TAG in cells[-1].get("metadata", {}).get("tags", []), \
         "run: python3 tasks.py pages (adds the API back-link cell)"
     assert source(cells[-1]) == tasks.render_api_cell(path), "run: python3 tasks.py pages"
+
+
+def test_equation_labels_are_unique_across_the_book():
+    """Sphinx numbers equations book-wide: a label used twice fails the build, so each label
+    (``$$ ... $$ (label)``) belongs to one notebook, once."""
+    label = re.compile(r"\$\$[ \t]*\(([A-Za-z][\w.:-]*)\)[ \t]*$", re.M)
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in NOTEBOOKS:
+        for cell in load(path)["cells"]:
+            if cell["cell_type"] != "markdown":
+                continue
+            for name in label.findall(source(cell)):
+                if name in seen:
+                    clashes.append(f"{name}: {seen[name]} and {path.stem}")
+                seen[name] = path.stem
+    assert not clashes, "equation labels used twice: " + "; ".join(clashes)
