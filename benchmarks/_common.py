@@ -112,3 +112,15 @@ def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int):
         state[name] = optimizer_state_bytes(opt)
         runs[name] = opt.step
     return round_robin_median(runs, device, warmup=warmup, repeats=repeats), state
+
+
+def gpt_with_gradients(cfg, batch: int, seq: int, device):
+    """A ``companion.lm.GPT(cfg)`` (seed 0) holding the gradients of one LM loss on random
+    tokens ``[batch, seq]``: the fixed gradients the optimizer benchmarks step on."""
+    from companion.lm import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    model(idx, idx)[1].backward()
+    return model

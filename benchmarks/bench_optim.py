@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from companion.lm import GPT, GPTConfig
+from companion.lm import GPTConfig
 from companion.optim import Adafactor
-from _common import device_name, time_optimizer_steps  # noqa: E402
+from _common import device_name, gpt_with_gradients, time_optimizer_steps  # noqa: E402
 
 
 def main() -> None:
@@ -26,11 +26,8 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     cfg = GPTConfig(vocab_size=8192, num_layers=8, num_heads=8, d_model=384, block_size=256)
-    torch.manual_seed(0)
-    base = GPT(cfg).to(dev)
+    base = gpt_with_gradients(cfg, 4, 128, dev)
     n = sum(p.numel() for p in base.parameters())
-    idx = torch.randint(0, cfg.vocab_size, (4, 128), device=dev)
-    base(idx, idx)[1].backward()
 
     makers = {
         "companion Adafactor (clamp)": lambda ps: Adafactor(ps, lr=1e-2, eps=(None, 1e-3),

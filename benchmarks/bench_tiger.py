@@ -16,9 +16,9 @@ import argparse
 
 import torch
 from lion_pytorch import Lion
-from companion.lm import GPT, GPTConfig
+from companion.lm import GPTConfig
 from companion.optim import Tiger
-from _common import device_name, time_optimizer_steps  # noqa: E402
+from _common import device_name, gpt_with_gradients, time_optimizer_steps  # noqa: E402
 
 
 def tiger_groups(params, names):
@@ -34,12 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     cfg = GPTConfig(vocab_size=4096, num_layers=4, num_heads=4, d_model=256, block_size=128)
-    torch.manual_seed(0)
-    base = GPT(cfg).to(dev)
+    base = gpt_with_gradients(cfg, 8, 128, dev)
     names = [n for n, _ in base.named_parameters()]
     n = sum(p.numel() for p in base.parameters())
-    idx = torch.randint(0, cfg.vocab_size, (8, 128), device=dev)
-    base(idx, idx)[1].backward()
 
     makers = {
         "companion Tiger (RMS, embedding rows)": lambda ps: Tiger(tiger_groups(ps, names)),

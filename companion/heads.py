@@ -6,8 +6,15 @@ Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
 from __future__ import annotations
 
+import math
+import unicodedata
+from typing import Callable, Iterable, Mapping, Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from ._validate import check_floating, check_int, check_range, check_same_shape, reduce
 
 __all__: list[str] = []
 
@@ -15,14 +22,6 @@ __all__: list[str] = []
 # === competition-baselines ===
 # Notebook: notebooks/competition-baselines.ipynb (kexue.fm/archives/7321). Equation labels
 # in the docstrings (eq. `span-decode`, ...) are the notebook's.
-import math
-import unicodedata
-from typing import Callable, Iterable, Mapping, Sequence
-
-import torch.nn.functional as F
-
-from ._validate import check_floating, check_int, check_range, check_same_shape, reduce
-
 __all__ += ["span_pointer_log_probs", "SpanPointerHead", "decode_best_span", "HalfPointerHead",
             "powered_bce", "decode_pointer_spans", "ConditionalLayerNorm", "LinearChainCRF",
             "bio_labels", "lcs_f1", "rematch_offsets"]

@@ -5,18 +5,20 @@ Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
+import re
+
 import torch
 import torch.nn as nn
+
+from ._validate import check_choice, check_floating, check_int, check_range, check_tensor
 
 __all__: list[str] = []
 
 
 # === deepnet-why-residual ===
-import copy
-import math
-
-from ._validate import check_choice, check_int, check_range
-
 __all__ += ["residual_branch_scale", "deepnorm_constants", "ResidualMLP",
             "first_update_change"]
 
@@ -184,13 +186,6 @@ def first_update_change(model, loss_fn, batch, make_optimizer) -> dict[str, floa
 
 
 # === lossless-model-expansion ===
-import dataclasses as _dataclasses
-import math as _math
-import re as _re
-
-from ._validate import check_floating as _check_floating, check_int as _check_int
-from ._validate import check_range as _check_range, check_tensor as _check_tensor
-
 __all__ += ["repeat_expand", "expand_linear", "expand_layernorm", "expand_attention",
             "expand_gpt_state"]
 
@@ -203,8 +198,8 @@ def repeat_expand(x: torch.Tensor, k: int = 2, dim: int = -1, pairwise: bool = F
     instead, ``[x1, x2, x3, x4] -> [x1, x2, x1, x2, x3, x4, x3, x4]`` (the RoPE layout, eq.
     rope-pairs). The size along ``dim`` goes from ``n`` to ``k n``; with ``scale`` the map is an
     isometry, ``|E x| = |x|``."""
-    _check_tensor("x", x)
-    _check_int("k", k, 1)
+    check_tensor("x", x)
+    check_int("k", k, 1)
     if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim: expected an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
     if scale and not x.is_floating_point():
@@ -217,12 +212,12 @@ def repeat_expand(x: torch.Tensor, k: int = 2, dim: int = -1, pairwise: bool = F
         y = y.repeat_interleave(k, dim=-2).flatten(-2).movedim(-1, dim)
     else:
         y = x.repeat_interleave(k, dim=dim)
-    return y / _math.sqrt(k) if scale else y
+    return y / math.sqrt(k) if scale else y
 
 
 def _check_factor(name, value):
-    _check_range(name, value)
-    if not _math.isfinite(value):
+    check_range(name, value)
+    if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
 
@@ -240,15 +235,15 @@ def expand_linear(weight: torch.Tensor, bias: torch.Tensor | None, k: int, in_fa
     choose ``in_factor = 1 / (k a)`` (``1/sqrt(k)`` for an ``E``-mapped input, ``1/k`` for a
     plainly repeated one) and the output is ``out_factor R y`` (``out_factor = 1/sqrt(k)``: the
     output is ``E y``). Returns ``(weight [k out, k in], bias [k out] | None)``."""
-    _check_floating("weight", weight)
+    check_floating("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape [out, in], got {tuple(weight.shape)}")
     if bias is not None:
-        _check_floating("bias", bias)
+        check_floating("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias: expected shape [{weight.shape[0]}] (out), got "
                              f"{tuple(bias.shape)}")
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     in_factor = _check_factor("in_factor", in_factor)
     out_factor = _check_factor("out_factor", out_factor)
     if pairwise_out and weight.shape[0] % 2:
@@ -267,15 +262,15 @@ def expand_layernorm(gamma: torch.Tensor, beta: torch.Tensor | None, k: int
     """Widen a LayerNorm's ``gamma [d]`` and ``beta [d]`` (or None) to ``E gamma``, ``E beta``
     ``[k d]``, eq. (expand-ln): then ``LN~(E x) = E LN(x)`` exactly, provided the wide layer
     uses ``eps / k`` (the variance of ``E x`` is ``var(x) / k``)."""
-    _check_floating("gamma", gamma)
+    check_floating("gamma", gamma)
     if gamma.dim() != 1:
         raise ValueError(f"gamma: expected shape [d], got {tuple(gamma.shape)}")
     if beta is not None:
-        _check_floating("beta", beta)
+        check_floating("beta", beta)
         if beta.shape != gamma.shape:
             raise ValueError(f"beta: expected the shape of gamma {tuple(gamma.shape)}, got "
                              f"{tuple(beta.shape)}")
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     return (repeat_expand(gamma, k),
             None if beta is None else repeat_expand(beta, k))
 
@@ -290,10 +285,10 @@ def expand_attention(wq, bq, wk, bk, wv, bv, wo, bo, k: int, scaled: bool = True
     sqrt(d_h)``; values and the output projection get ``E``. ``rope=True`` repeats query/key
     components in pairs (only approximately lossless: the wide head's RoPE frequencies differ).
     Returns ``(wq, bq, wk, bk, wv, bv, wo, bo)`` widened; input and output are ``E``-mapped."""
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     names = ("wq", "wk", "wv", "wo")
     for name, w in zip(names, (wq, wk, wv, wo)):
-        _check_floating(name, w)
+        check_floating(name, w)
         if w.dim() != 2:
             raise ValueError(f"{name}: expected shape [out, in], got {tuple(w.shape)}")
     if wq.shape != wk.shape:
@@ -302,7 +297,7 @@ def expand_attention(wq, bq, wk, bk, wv, bv, wo, bo, k: int, scaled: bool = True
     if wo.shape[1] != wv.shape[0]:
         raise ValueError(f"wo: expected {wv.shape[0]} inputs (the rows of wv), got "
                          f"{wo.shape[1]}")
-    s = 1.0 / _math.sqrt(k)
+    s = 1.0 / math.sqrt(k)
     s_qk = s * k ** 0.25 if scaled else s
     out = []
     for name, (w, b, f, pair) in zip(names, ((wq, bq, s_qk, rope), (wk, bk, s_qk, rope),
@@ -314,7 +309,7 @@ def expand_attention(wq, bq, wk, bk, wv, bv, wo, bo, k: int, scaled: bool = True
     return tuple(out)
 
 
-_GPT_KEY = _re.compile(r"^(tok_emb|pos_emb|emb_ln|ln_f|head)\.(weight|bias)$|"
+_GPT_KEY = re.compile(r"^(tok_emb|pos_emb|emb_ln|ln_f|head)\.(weight|bias)$|"
                        r"^blocks\.(\d+)\.(ln1|ln2|attn\.qkv|attn\.proj|mlp\.fc|mlp\.proj)"
                        r"\.(weight|bias)$")
 
@@ -336,7 +331,7 @@ def expand_gpt_state(state_dict, cfg, k: int = 2, noise_std: float = 0.0,
     ``cfg`` is any dataclass with the fields of ``GPTConfig``; ``state_dict`` maps its keys
     (``tok_emb``, ``pos_emb``, ``emb_ln``, ``blocks.{i}.{ln1, attn.qkv, attn.proj, ln2,
     mlp.fc, mlp.proj}``, ``ln_f``, ``head``) to floating-point tensors."""
-    if not _dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"cfg: expected a GPTConfig-like dataclass instance, got "
                         f"{type(cfg).__name__}")
     for field in ("d_model", "num_heads", "activation", "layer_norm_eps"):
@@ -345,8 +340,8 @@ def expand_gpt_state(state_dict, cfg, k: int = 2, noise_std: float = 0.0,
     if not hasattr(state_dict, "items"):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got "
                         f"{type(state_dict).__name__}")
-    _check_int("k", k, 1)
-    _check_range("noise_std", noise_std, 0.0)
+    check_int("k", k, 1)
+    check_range("noise_std", noise_std, 0.0)
     if cfg.activation not in ("relu", "gelu", "gelu_tanh"):
         raise ValueError(f"cfg.activation: expected one of 'relu' | 'gelu' | 'gelu_tanh', got "
                          f"{cfg.activation!r}")
@@ -358,7 +353,7 @@ def expand_gpt_state(state_dict, cfg, k: int = 2, noise_std: float = 0.0,
                             f"{what}")
         if not _GPT_KEY.match(name):
             raise ValueError(f"state_dict: unexpected key {name!r} (not in the GPT layout)")
-    s = 1.0 / _math.sqrt(k)
+    s = 1.0 / math.sqrt(k)
     relu = cfg.activation == "relu"
     # MLP factors (in_factor, out_factor): ReLU commutes with E; GeLU sees plain repeats
     fc_f, proj_f = ((s, s), (s, s)) if relu else ((s, 1.0), (1.0 / k, s))
@@ -411,5 +406,5 @@ def expand_gpt_state(state_dict, cfg, k: int = 2, noise_std: float = 0.0,
                                     device=generator.device if generator is not None
                                     else t.device)
                 new[name] = t + noise_std * noise.to(t.device)
-    new_cfg = _dataclasses.replace(cfg, d_model=d * k, layer_norm_eps=cfg.layer_norm_eps / k)
+    new_cfg = dataclasses.replace(cfg, d_model=d * k, layer_norm_eps=cfg.layer_norm_eps / k)
     return new, new_cfg

@@ -6,7 +6,9 @@ test-bed decoder of lossless-model-expansion, recompute, adafactor and tiger-lio
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -300,7 +302,7 @@ def generate_topk(model: GPT, idx: torch.Tensor, max_new_tokens: int, k: int = 5
                          f"{tuple(idx.shape)}")
     k = min(k, V)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache, window = None, None
+    cache = None
     for step in range(max_new_tokens):
         if use_cache and cache is not None and cache.length < Tmax:
             logits, _ = model(idx[:, -1:], cache=cache)
@@ -389,9 +391,6 @@ def load_pretrained_gpt2(name_or_path: str = "gpt2"):
 __all__ += ["argmax_margin", "find_unargmaxable", "frank_wolfe_min_norm", "argmax_region_grid",
             "UnargmaxableResult"]
 
-from typing import NamedTuple  # noqa: E402
-import time as _time  # noqa: E402
-
 
 def _check_softmax_layer(W, b):
     """Validate ``W [n, d]`` (floating) and ``b [n] | None``; return float64 CPU copies."""
@@ -431,7 +430,7 @@ def _lp_margin(W, b, k, bound, *, tol=1e-9, decide=False, deadline=None, chunk=6
     from scipy.optimize import linprog
 
     n, d = W.shape
-    if deadline is not None and _time.perf_counter() >= deadline:
+    if deadline is not None and time.perf_counter() >= deadline:
         return float("nan"), None, "timeout"
     if n == 1:
         return float("inf"), torch.zeros(d, dtype=W.dtype), "opt"
@@ -449,7 +448,7 @@ def _lp_margin(W, b, k, bound, *, tol=1e-9, decide=False, deadline=None, chunk=6
     while True:
         options = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10}
         if deadline is not None:
-            left = deadline - _time.perf_counter()
+            left = deadline - time.perf_counter()
             if left <= 0:
                 return float("nan"), None, "timeout"
             options["time_limit"] = left
@@ -623,7 +622,7 @@ def find_unargmaxable(W: torch.Tensor, b: torch.Tensor | None = None, method: st
             if status[j] != 0:
                 mask[i], decided[i] = bool(status[j] == 2), "frank_wolfe"
     elif method == "lp":
-        deadline = None if time_budget is None else _time.perf_counter() + time_budget
+        deadline = None if time_budget is None else time.perf_counter() + time_budget
         for i in todo.tolist():
             t, _, status = _lp_margin(W64, bz, i, float(bound), tol=tol, decide=True,
                                       deadline=deadline)

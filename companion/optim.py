@@ -1,4 +1,5 @@
-"""Optimizers: AdaFactor (the factored second moment, its beta2 schedule and update clipping).
+"""Optimizers: AdaFactor (the factored second moment, its beta2 schedule, update clipping) and
+Tiger (one-buffer sign momentum; the drift of sign updates with weight decay, lazy rows).
 
 Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
@@ -11,6 +12,24 @@ import torch
 from ._validate import check_choice, check_floating, check_range
 
 __all__: list[str] = []
+
+
+def _closure_loss(closure):
+    """``step(closure)``'s convention: re-evaluate the loss, with gradients on, when given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _params_with_grad(params, name: str, hint: str = ""):
+    """The parameters holding a gradient; a sparse one raises (both optimizers need dense)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{name}: sparse gradients are not supported{hint}")
+        yield p
 
 
 # === adafactor ===
@@ -137,17 +156,10 @@ class Adafactor(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, c, (eps1, eps2) = group["lr"], group["beta2_decay"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients")
+            for p in _params_with_grad(group["params"], "Adafactor"):
                 self._update(p, group, lr, c, eps1, eps2)
         return loss
 
@@ -349,19 +361,12 @@ class Tiger(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             buckets: dict[tuple, list] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Tiger: sparse gradients are not supported; use "
-                                       "nn.Embedding(sparse=False) and lazy_embeddings=True")
+            hint = "; use nn.Embedding(sparse=False) and lazy_embeddings=True"
+            for p in _params_with_grad(group["params"], "Tiger", hint):
                 state = self.state[p]
                 if len(state) == 0:
                     state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)

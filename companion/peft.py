@@ -4,8 +4,14 @@ Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from ._validate import (check_choice, check_floating, check_int, check_range, check_same_shape,
+                        check_tensor)
 
 __all__: list[str] = []
 
@@ -17,13 +23,6 @@ __all__: list[str] = []
 # P (LM frozen). Two ways to train only P, both here: a separate parameter spliced into
 # ``inputs_embeds`` (PromptEncoder + insert_prompts) or a gradient mask on chosen rows of the
 # embedding table, eq. (pt-stopgrad) (mask_embedding_grad).
-from collections.abc import Sequence as _Sequence
-
-from ._validate import check_choice as _check_choice
-from ._validate import check_floating as _check_floating
-from ._validate import check_int as _check_int
-from ._validate import check_tensor as _check_tensor
-
 __all__ += ["PromptEncoder", "insert_prompts", "mask_embedding_grad", "verbalizer_logits",
             "load_masked_lm"]
 
@@ -42,10 +41,10 @@ class PromptEncoder(nn.Module):
     def __init__(self, num_tokens: int, dim: int, reparam: str = "none",
                  hidden: int | None = None):
         super().__init__()
-        _check_int("num_tokens", num_tokens, 1)
-        _check_int("dim", dim, 1)
-        _check_choice("reparam", reparam, ("none", "mlp", "lstm"))
-        hidden = dim if hidden is None else _check_int("hidden", hidden, 1)
+        check_int("num_tokens", num_tokens, 1)
+        check_int("dim", dim, 1)
+        check_choice("reparam", reparam, ("none", "mlp", "lstm"))
+        hidden = dim if hidden is None else check_int("hidden", hidden, 1)
         self.num_tokens, self.dim, self.reparam, self.hidden = num_tokens, dim, reparam, hidden
         self.embedding = nn.Embedding(num_tokens, dim)
         if reparam == "mlp":
@@ -82,8 +81,8 @@ def insert_prompts(input_embeds: torch.Tensor, prompts: torch.Tensor, positions=
     key_mask: bool [B, T], True = real token (default all True).
     Returns (embeds [B, T+m, d], key_mask [B, T+m]); prompt slots are True in the mask.
     """
-    _check_floating("input_embeds", input_embeds)
-    _check_floating("prompts", prompts)
+    check_floating("input_embeds", input_embeds)
+    check_floating("prompts", prompts)
     if input_embeds.dim() != 3:
         raise ValueError(f"input_embeds: expected a [B, T, d] tensor, got shape "
                          f"{tuple(input_embeds.shape)}")
@@ -96,9 +95,9 @@ def insert_prompts(input_embeds: torch.Tensor, prompts: torch.Tensor, positions=
     L = T + m
     dev = input_embeds.device
     if isinstance(positions, str):
-        _check_choice("positions", positions, ("prefix",))
+        check_choice("positions", positions, ("prefix",))
         positions = torch.arange(m, device=dev)
-    _check_tensor("positions", positions)
+    check_tensor("positions", positions)
     if positions.dtype not in (torch.int64, torch.int32) or positions.dim() not in (1, 2) \
             or positions.shape[-1] != m or (positions.dim() == 2 and positions.shape[0] != B):
         raise ValueError(f"positions: expected an integer tensor [{m}] or [{B}, {m}], got "
@@ -127,7 +126,7 @@ def insert_prompts(input_embeds: torch.Tensor, prompts: torch.Tensor, positions=
     if key_mask is None:
         out_mask = torch.ones(B, L, dtype=torch.bool, device=dev)
     else:
-        _check_tensor("key_mask", key_mask)
+        check_tensor("key_mask", key_mask)
         if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, T):
             raise ValueError(f"key_mask: expected a bool tensor [{B}, {T}], got "
                              f"{key_mask.dtype} {tuple(key_mask.shape)}")
@@ -152,7 +151,7 @@ def mask_embedding_grad(embedding: nn.Embedding, trainable_ids):
     V = embedding.num_embeddings
     if isinstance(trainable_ids, torch.Tensor):
         ids = trainable_ids.reshape(-1).tolist()
-    elif isinstance(trainable_ids, _Sequence) and not isinstance(trainable_ids, str):
+    elif isinstance(trainable_ids, Sequence) and not isinstance(trainable_ids, str):
         ids = list(trainable_ids)
     else:
         raise TypeError(f"trainable_ids: expected a sequence of ints, got "
@@ -181,11 +180,11 @@ def verbalizer_logits(mlm_logits: torch.Tensor, mask_pos: torch.Tensor,
     Returns float [B, C]: log p(v(y) | x) under the FULL vocabulary softmax, multi-token labels
     averaged in log-space; ``softmax`` over C (or ``cross_entropy``) renormalises over labels.
     """
-    _check_floating("mlm_logits", mlm_logits)
+    check_floating("mlm_logits", mlm_logits)
     if mlm_logits.dim() != 3:
         raise ValueError(f"mlm_logits: expected [B, T, V], got shape {tuple(mlm_logits.shape)}")
     B, T, V = mlm_logits.shape
-    _check_tensor("mask_pos", mask_pos)
+    check_tensor("mask_pos", mask_pos)
     if mask_pos.dtype not in (torch.int64, torch.int32) or mask_pos.dim() not in (1, 2) \
             or mask_pos.shape[0] != B:
         raise ValueError(f"mask_pos: expected an integer tensor [{B}] or [{B}, K], got "
@@ -250,16 +249,6 @@ def load_masked_lm(name_or_path: str | None = None, config=None):
 __all__ += ["ladder_gate", "LadderSideNetwork", "backbone_hidden_states", "backprop_depth",
             "trainable_fraction"]
 
-from typing import Sequence as _Sequence  # noqa: E402
-
-import torch.nn.functional as _F  # noqa: E402
-
-from ._validate import check_choice as _check_choice  # noqa: E402
-from ._validate import check_floating as _check_floating  # noqa: E402
-from ._validate import check_int as _check_int  # noqa: E402
-from ._validate import check_range as _check_range  # noqa: E402
-from ._validate import check_same_shape as _check_same_shape  # noqa: E402
-
 
 def ladder_gate(tilde_h: torch.Tensor, z_prev: torch.Tensor, alpha: torch.Tensor,
                 tau: float) -> torch.Tensor:
@@ -271,11 +260,11 @@ def ladder_gate(tilde_h: torch.Tensor, z_prev: torch.Tensor, alpha: torch.Tensor
     shape ``[..., d_s]``; ``alpha`` is a scalar tensor (or broadcasts against them); ``tau > 0``.
     ``alpha = 0`` gives ``mu = 1/2``. The sigmoid is evaluated stably for any ``alpha / tau``.
     """
-    _check_floating("tilde_h", tilde_h)
-    _check_floating("z_prev", z_prev)
-    _check_same_shape("tilde_h", tilde_h, "z_prev", z_prev)
-    _check_floating("alpha", alpha)
-    _check_range("tau", tau, 0.0, low_open=True)
+    check_floating("tilde_h", tilde_h)
+    check_floating("z_prev", z_prev)
+    check_same_shape("tilde_h", tilde_h, "z_prev", z_prev)
+    check_floating("alpha", alpha)
+    check_range("tau", tau, 0.0, low_open=True)
     mu = torch.sigmoid(alpha / tau)
     return mu * tilde_h + (1 - mu) * z_prev
 
@@ -302,9 +291,9 @@ class _SideBlock(nn.Module):
             H = self.num_heads
             q, k, v = self.qkv(self.ln1(z)).view(B, T, 3, H, d_s // H).permute(2, 0, 3, 1, 4)
             mask = None if key_mask is None else key_mask[:, None, None, :]
-            y = _F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             z = z + self.proj(y.transpose(1, 2).reshape(B, T, d_s))
-        return z + self.out(_F.gelu(self.fc(self.ln2(z))))
+        return z + self.out(F.gelu(self.fc(self.ln2(z))))
 
 
 class LadderSideNetwork(nn.Module):
@@ -326,12 +315,12 @@ class LadderSideNetwork(nn.Module):
     def __init__(self, backbone_dim: int, num_layers: int, reduction_factor: int = 8,
                  side_block: str = "transformer", tau: float = 0.1, num_heads: int = 2):
         super().__init__()
-        _check_int("backbone_dim", backbone_dim, 1)
-        _check_int("num_layers", num_layers, 1)
-        _check_int("reduction_factor", reduction_factor, 1)
-        _check_choice("side_block", side_block, ("mlp", "transformer"))
-        _check_range("tau", tau, 0.0, low_open=True)
-        _check_int("num_heads", num_heads, 1)
+        check_int("backbone_dim", backbone_dim, 1)
+        check_int("num_layers", num_layers, 1)
+        check_int("reduction_factor", reduction_factor, 1)
+        check_choice("side_block", side_block, ("mlp", "transformer"))
+        check_range("tau", tau, 0.0, low_open=True)
+        check_int("num_heads", num_heads, 1)
         if backbone_dim % reduction_factor:
             raise ValueError(f"reduction_factor: expected a divisor of backbone_dim="
                              f"{backbone_dim}, got {reduction_factor}")
@@ -347,14 +336,14 @@ class LadderSideNetwork(nn.Module):
                                     for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(d_s)
 
-    def forward(self, hidden_states: _Sequence[torch.Tensor],
+    def forward(self, hidden_states: Sequence[torch.Tensor],
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         hs = list(hidden_states)
         if len(hs) != self.num_layers + 1:
             raise ValueError(f"hidden_states: expected num_layers + 1 = {self.num_layers + 1} "
                              f"tensors, got {len(hs)}")
         for i, h in enumerate(hs):
-            _check_floating(f"hidden_states[{i}]", h)
+            check_floating(f"hidden_states[{i}]", h)
             if h.dim() != 3 or h.shape[-1] != self.backbone_dim or h.shape != hs[0].shape:
                 raise ValueError(f"hidden_states[{i}]: expected shape [B, T, "
                                  f"{self.backbone_dim}] like hidden_states[0], got "
@@ -428,7 +417,7 @@ def _saved_tensors(node) -> list[torch.Tensor]:
     return out
 
 
-def backprop_depth(loss: torch.Tensor, layers: _Sequence[nn.Module]) -> int:
+def backprop_depth(loss: torch.Tensor, layers: Sequence[nn.Module]) -> int:
     """How many of ``layers`` the backward pass of ``loss`` must go through (notebook
     {eq}`lst-depth`).
 

@@ -4,6 +4,7 @@ Each section below belongs to one notebook of the book (notebooks/<slug>.ipynb).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -430,8 +431,6 @@ class ParallelIterRNN(nn.Module):
 
 # === lra-pretraining ===
 __all__ += ["DiagonalLinearRNN"]
-
-import math
 
 
 class DiagonalLinearRNN(nn.Module):
