@@ -139,6 +139,52 @@ def test_mcce_analytic_gradient_and_group_sums():
     assert bool(((neg_sum > 0) & (neg_sum < 1)).all()) and bool(((pos_sum < 0) & (pos_sum > -1)).all())
 
 
+def test_mcce_second_derivatives():
+    """Double backward (gradient penalties, meta-learning) is exact: gradgradcheck in float64."""
+    s, y = _random_problem((3, 6), seed=11, scale=1.5)
+    s.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x: MCCE(x, y, "none"), (s,))
+
+
+def test_mcce_tiny_losses_keep_their_relative_precision():
+    """A confident model's loss, e^{-25} per class, in float32: relative error at rounding level
+    (log(1 + x) computed as log1p, not as -log of a probability that rounds to 1)."""
+    y = torch.zeros(4, 30, dtype=torch.bool)
+    y[:, :3] = True
+    s = torch.where(y, 25.0, -25.0) + 0.5 * torch.randn(4, 30, generator=_gen(12))
+    x = s.clone().requires_grad_(True)
+    loss = MCCE(x, y, "none")
+    loss.sum().backward()
+    ref = pairwise_loss(s.double(), y)
+    assert bool((ref < 1e-9).all())  # the regime the test is about
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    e = torch.where(y, -torch.exp(-s.double()), torch.exp(s.double()))  # gradient ~ e^{-25}
+    torch.testing.assert_close(x.grad.double(), e, rtol=1e-5, atol=0)
+
+
+def test_mcce_rows_beyond_the_fused_range_and_non_finite_rows():
+    """Rows whose half-loss exceeds ~69 nats (p_last underflows in the fused softmax) take the
+    logsumexp path, mixed in one batch with ordinary rows; a NaN logit gives a NaN loss in its
+    row only, and +inf on a negative class an infinite loss."""
+    s, y = _random_problem((5, 8), seed=13, scale=1.0)
+    y[:, 0], y[:, 1] = True, False
+    s[1, 1] = 300.0   # a negative scored far above: its half is ~300 nats
+    s[2, 0] = -90.0   # a positive scored far below
+    x = s.clone().float().requires_grad_(True)
+    loss = MCCE(x, y, "none")
+    loss.sum().backward()
+    torch.testing.assert_close(loss.double(), pairwise_loss(s, y), rtol=1e-6, atol=0)
+    s64 = s.clone().requires_grad_(True)
+    MCCE(s64, y, "sum").backward()
+    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    bad = s.clone()
+    bad[3, 4] = float("nan")
+    bad[4, 1] = float("inf")
+    out = MCCE(bad, y, "none")
+    assert math.isnan(out[3].item()) and out[4].item() == float("inf")
+    torch.testing.assert_close(out[:3], pairwise_loss(s[:3], y[:3]), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mcce_extreme_logits(dtype):
     g = _gen(7)
