@@ -138,11 +138,11 @@ class _MultilabelCE(torch.autograd.Function):
     def backward(ctx, grad_neg, grad_pos):
         s, pos, p = ctx.saved_tensors
         n = s.shape[-1]
-        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate
+        if torch.is_grad_enabled():  # create_graph=True: p again, differentiably
             p = torch.softmax(_signed_groups(s, pos), -1)
-            return p[..., 0, :n] * grad_neg.unsqueeze(-1) - p[..., 1, :n] * grad_pos.unsqueeze(-1), None
-        grad = p[..., 0, :n] * grad_neg.unsqueeze(-1)                  # d/ds_i = p_i on Omega_-
-        return grad.addcmul_(p[..., 1, :n], grad_pos.unsqueeze(-1), value=-1), None  # -p_j on Omega_+
+        grad = p[..., 0, :n] * grad_neg.unsqueeze(-1)                 # +p_i on Omega_-
+        grad = grad.addcmul_(p[..., 1, :n], grad_pos.unsqueeze(-1), value=-1)  # -p_j on Omega_+
+        return grad, None
 
 
 def multilabel_categorical_crossentropy(
