@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -51,6 +52,33 @@ def round_robin_median(runs: dict, device, warmup: int, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+#: The goals printed beside the memory-limit ratios of the kernel benchmarks (see copy_unit).
+COPIES_GOAL = 8        # an arithmetic-only (elementwise or row-wise) kernel, in copies
+PLAIN_GOAL = 1.5       # a kernel against the plain torch operation of the same shape
+
+
+def scan_copies_goal(steps: int) -> float:
+    """The copies goal of a log-depth scan over ``steps`` time steps: 2 log2 T."""
+    return 2 * math.log2(steps)
+
+
+def copy_unit(x):
+    """The memory-bandwidth unit of a kernel benchmark, as a zero-argument callable: one
+    ``clone()`` of the tensor ``x`` (the kernel's main input), or of every tensor of ``x`` when it
+    is a list or tuple (for an optimizer: one clone of every parameter, since its step is
+    elementwise over the parameters). A clone reads and writes each element once, so it is the
+    least time a kernel that must read its input and write a result of that size can take.
+
+    Time it in the same ``round_robin_median`` run as the kernel; "copies" = kernel time / this
+    time (goal ``COPIES_GOAL`` = 8 for an arithmetic-only kernel, ``scan_copies_goal(T)`` =
+    2 log2 T for a log-depth scan over T steps). Autograd is off for the clone."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        return lambda: x.clone()
+    xs = [t.detach() for t in x]
+    return lambda: [t.clone() for t in xs]
+
+
 def cuda_peak_bytes(run, device) -> int:
     """How far CUDA memory rose above what was allocated before one call of ``run`` (after a warm-up)."""
     run()
@@ -95,10 +123,13 @@ def run_worker(cmd: list) -> int | None:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
 
-def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int):
+def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int,
+                         extra: dict | None = None):
     """``(seconds, state_bytes)`` per optimizer: each ``makers[name](params)`` gets its own copy
     of ``base``'s parameters holding ``base``'s gradients (fixed: only ``step()`` is timed, round
-    robin, median); state bytes are read after the first step."""
+    robin, median); state bytes are read after the first step. ``extra``: more zero-argument
+    callables (e.g. ``{"copy": copy_unit(list(base.parameters()))}``) timed in the same round
+    robin; their seconds join the first dict under their own names (not the second)."""
     from companion.memory import optimizer_state_bytes
 
     grads = [p.grad.clone() for p in base.parameters()]
@@ -111,6 +142,10 @@ def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int):
         opt.step()
         state[name] = optimizer_state_bytes(opt)
         runs[name] = opt.step
+    for name, run in (extra or {}).items():
+        if name in runs:
+            raise ValueError(f"extra: {name!r} is also the name of an optimizer")
+        runs[name] = run
     return round_robin_median(runs, device, warmup=warmup, repeats=repeats), state
 
 

@@ -1,7 +1,12 @@
 """EMO vs cross-entropy at a 32k vocabulary: forward+backward time and peak memory, same run.
 
     python benchmarks/bench_emo.py                 # cuda if available, else cpu (smaller N)
-    python benchmarks/bench_emo.py --device cpu --tokens 512
+    python benchmarks/bench_emo.py --device cpu --tokens 512 --threads 2
+
+All times come from one round-robin run (``_common.round_robin_median``: the losses and the
+memory-limit unit take turns). "copies" = forward+backward time / one ``logits.clone()`` (the
+bandwidth unit, ``_common.copy_unit``); "x plain" = time / that of ``F.cross_entropy`` on the
+same logits (the plain softmax cross-entropy of the same shape), forward+backward alike.
 
 EMO's closed form through unit embeddings, 1 - <Σ_i p_i ê_i, ê_t>, adds one [N, V] x [V, d]
 matmul to the softmax that cross-entropy computes anyway: its memory is O(N V + N d + V d), the
@@ -14,7 +19,6 @@ number of elements any op of the forward and backward pass produced.
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
 import time
 
@@ -24,7 +28,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from companion.losses import emo_loss, emo_mle_loss
-from _common import cuda_peak_bytes, device_name  # noqa: E402
+from _common import (COPIES_GOAL, PLAIN_GOAL, copy_unit, cuda_peak_bytes,  # noqa: E402
+                     device_name, round_robin_median)
 
 
 class LargestTensor(TorchDispatchMode):
@@ -45,20 +50,6 @@ class LargestTensor(TorchDispatchMode):
 def fwd_bwd(loss_fn, logits, target, emb):
     logits.grad = None
     loss_fn(logits, target, emb).backward()
-
-
-def time_it(fn, dev, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def cpu_peak_bytes(fn):
@@ -103,7 +94,10 @@ def main():
     ap.add_argument("--vocab", type=int, default=32_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     n = args.tokens or (2048 if dev.type == "cuda" else 512)
     v, d = args.vocab, args.dim
@@ -118,33 +112,41 @@ def main():
         "emo_loss": emo_loss,
         "emo_mle_loss": lambda z, t, e: emo_mle_loss(z, t, e)[0],
     }
+    fns = {name: (lambda loss_fn=loss_fn: fwd_bwd(loss_fn, logits, target, emb))
+           for name, loss_fn in losses.items()}
+    copy_key = "logits.clone()"
+    times = round_robin_median({**fns, copy_key: copy_unit(logits)}, dev, warmup=1,
+                               repeats=repeats)
     rows = []
-    for name, loss_fn in losses.items():
-        fn = lambda: fwd_bwd(loss_fn, logits, target, emb)  # noqa: E731
-        t = time_it(fn, dev, repeats)
+    for name, fn in fns.items():
         with LargestTensor() as mode:
             fn()
         if dev.type == "cuda":
             mem, rss = cuda_peak_bytes(fn, dev), None
         else:
             mem, rss = cpu_peak_bytes(fn), rss_peak_delta(fn)
-        rows.append((name, t, mem, rss, mode.largest))
+        rows.append((name, times[name], mem, rss, mode.largest))
 
     mib = 2.0 ** 20
-    print(f"device: {device_name(dev)}; N = {n} tokens, V = {v}, d = {d}; "
-          f"median of {repeats} forward+backward passes after a warm-up\n")
+    print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; N = {n} tokens, V = {v}, d = {d}; median of "
+          f"{repeats} forward+backward passes after a warm-up (round robin)\n")
     mem_col = "peak CUDA memory" if dev.type == "cuda" else "peak tensor memory (profiler)"
-    print(f"| loss | time | ratio vs CE | {mem_col} | ratio vs CE | RSS peak delta | largest tensor |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| loss | time | copies (goal <= {COPIES_GOAL}) | x plain (goal <= {PLAIN_GOAL}) "
+          f"| {mem_col} | ratio vs CE | RSS peak delta | largest tensor |")
+    print("|---|---|---|---|---|---|---|---|")
     _, t_ce, m_ce, _, _ = rows[0]
+    t_copy = times[copy_key]
     for name, t, mem, rss, largest in rows:
         rss_s = "n/a" if rss is None else f"{rss / mib:.0f} MiB"
-        print(f"| {name} | {t * 1e3:.1f} ms | {t / t_ce:.2f}x | {mem / mib:.0f} MiB | "
-              f"{mem / m_ce:.2f}x | {rss_s} | {largest:,} elements |")
-    print(f"| explicit V x V cost (not run) | | | >= {v * v * 4 / mib:,.0f} MiB | "
+        print(f"| {name} | {t * 1e3:.1f} ms | {t / t_copy:.1f} | {t / t_ce:.2f}x "
+              f"| {mem / mib:.0f} MiB | {mem / m_ce:.2f}x | {rss_s} | {largest:,} elements |")
+    print(f"| explicit V x V cost (not run) | | | | >= {v * v * 4 / mib:,.0f} MiB | "
           f"{v * v * 4 / m_ce:.0f}x | | {v * v:,} elements |")
-    print(f"\nreference sizes: N x V logits = {n * v * 4 / mib:.0f} MiB, N x d = {n * d * 4 / mib:.1f} MiB, "
-          f"V x d = {v * d * 4 / mib:.0f} MiB (float32)")
+    print(f"\nmemory-limit unit: {copy_key} of the N x V logits = {t_copy * 1e3:.3g} ms "
+          "(same run); copies = time / that, x plain = time / F.cross_entropy's time")
+    print(f"reference sizes: N x V logits = {n * v * 4 / mib:.0f} MiB, "
+          f"N x d = {n * d * 4 / mib:.1f} MiB, V x d = {v * d * 4 / mib:.0f} MiB (float32)")
 
 
 if __name__ == "__main__":

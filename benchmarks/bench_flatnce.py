@@ -6,6 +6,11 @@ forward + backward of each loss (median of repeats after warm-up) and its peak m
 inputs (CUDA: ``torch.cuda.max_memory_allocated``; CPU, Linux only: the rise of the peak resident
 set of a fresh subprocess per loss), and prints a markdown table with ratios to F.cross_entropy.
 
+Memory-limit ratios, from the same round-robin run: "copies" = forward + backward time / one
+``scores.clone()`` (``_common.copy_unit``: the bandwidth unit of the [2B, 2B - 1] input);
+"x plain" = time / that of F.cross_entropy on the same scores (the plain softmax cross-entropy
+of the same shape, the baseline row), forward + backward alike.
+
     python benchmarks/bench_flatnce.py                  # cuda if available, else cpu
     python benchmarks/bench_flatnce.py --device cuda --batch 4096
 """
@@ -18,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from companion.losses import flatnce_loss, infonce_loss, nt_xent_scores
-from _common import (cuda_peak_bytes, device_name, report_worker_result, round_robin_median,  # noqa: E402
-                     rss_peak_bytes, run_worker)
+from _common import (COPIES_GOAL, PLAIN_GOAL, copy_unit, cuda_peak_bytes,  # noqa: E402
+                     device_name, report_worker_result, round_robin_median, rss_peak_bytes,
+                     run_worker)
 
 BASELINE = "F.cross_entropy (baseline)"
 LOSSES = {
@@ -46,7 +52,8 @@ def step(fn, scores, positive):
 def peak_cpu_worker(args) -> None:
     """In a fresh process (Linux): the peak resident-set rise of one forward + backward."""
     fn = LOSSES[args.worker]
-    scores, positive = make_inputs(args.batch, args.dim, args.tau, torch.device("cpu"), getattr(torch, args.dtype))
+    scores, positive = make_inputs(args.batch, args.dim, args.tau, torch.device("cpu"),
+                                   getattr(torch, args.dtype))
     report_worker_result(rss_peak_bytes(lambda: step(fn, scores, positive)))
 
 
@@ -60,7 +67,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None,
-                   help="examples per batch B (scores are 2B x (2B-1)); default 4096 on cuda, 1024 on cpu")
+                   help="examples per batch B (scores are 2B x (2B-1)); "
+                        "default 4096 on cuda, 1024 on cpu")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -83,24 +91,30 @@ def main() -> None:
 
     print(f"device: {device_name(device)} ({device.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
-    print(f"scores: nt_xent_scores of 2 x {args.batch} views, d = {args.dim} -> [{n}, {k}] {args.dtype} "
-          f"({scores.numel() * scores.element_size() / 2**20:.0f} MiB)")
+    print(f"scores: nt_xent_scores of 2 x {args.batch} views, d = {args.dim} -> [{n}, {k}] "
+          f"{args.dtype} ({scores.numel() * scores.element_size() / 2**20:.0f} MiB)")
     if device.type == "cpu" and args.batch < 4096:
-        print(f"(CPU run at B = {args.batch}, smaller than the GPU's 4096 to stay within a couple of minutes; "
-              f"pass --batch 4096 for the full size)")
-    print(f"forward + backward, median of {repeats} after warm-up; peak = memory above the inputs\n")
+        print(f"(CPU run at B = {args.batch}, smaller than the GPU's 4096 to stay within a couple "
+              f"of minutes; pass --batch 4096 for the full size)")
+    print(f"forward + backward, median of {repeats} after warm-up (round robin); "
+          "peak = memory above the inputs\n")
 
-    times = round_robin_median({name: (lambda fn=fn: step(fn, scores, positive)) for name, fn in LOSSES.items()},
+    copy_key = "scores.clone()"
+    runs = {name: (lambda fn=fn: step(fn, scores, positive)) for name, fn in LOSSES.items()}
+    times = round_robin_median({**runs, copy_key: copy_unit(scores)},
                                device, warmup=2, repeats=repeats)
-    peaks = {name: cuda_peak_bytes(lambda: step(fn, scores, positive), device) if device.type == "cuda" else peak_cpu(name, args)
-             for name, fn in LOSSES.items()}
-    t0, m0 = times[BASELINE], peaks[BASELINE]
-    print("| loss | time | vs baseline | peak memory | vs baseline |")
-    print("|---|---:|---:|---:|---:|")
+    peaks = {name: cuda_peak_bytes(run, device) if device.type == "cuda" else peak_cpu(name, args)
+             for name, run in runs.items()}
+    t0, m0, t_copy = times[BASELINE], peaks[BASELINE], times[copy_key]
+    print(f"| loss | time | copies (goal <= {COPIES_GOAL}) | x plain (goal <= {PLAIN_GOAL}) "
+          "| peak memory | vs baseline |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in LOSSES:
         t, peak = times[name], peaks[name]
         mem = "n/a | n/a" if peak is None else f"{peak / 2**20:.0f} MiB | {peak / max(m0, 1):.2f}x"
-        print(f"| {name} | {t * 1e3:.1f} ms | {t / t0:.2f}x | {mem} |")
+        print(f"| {name} | {t * 1e3:.1f} ms | {t / t_copy:.1f} | {t / t0:.2f}x | {mem} |")
+    print(f"\nmemory-limit unit: {copy_key} = {t_copy * 1e3:.3g} ms (same run); copies = time / "
+          "that, x plain = time / F.cross_entropy's time (the baseline)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ baseline block is bias-free multi-head attention through F.scaled_dot_product_at
 FFN whose width makes the parameter counts equal. Both are Post-RMSNorm, causal, without RoPE.
 Prints a markdown table: median time of forward + backward (round robin, one run), the measured
 ratio beside the ratio the multiply-add counts predict, and the peak memory of each, with the
-device named.
+device named. Memory is measured twice: with fused attention on both sides (SDPA: no n x n matrix
+is kept for the backward pass), and with explicit attention on both sides (the score and
+probability matrices materialised, as in the frameworks of the article's time): one matrix per GAU
+layer against one per head.
 """
 from __future__ import annotations
 
@@ -31,14 +34,19 @@ def rms_norm(x, eps=1e-6):
 class MHAFFNBlock(nn.Module):
     def __init__(self, d, num_heads, d_ff):
         super().__init__()
-        self.h = num_heads
+        self.h, self.explicit = num_heads, False
         self.qkv, self.o = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.up, self.down = nn.Linear(d, d_ff, bias=False), nn.Linear(d_ff, d, bias=False)
 
     def forward(self, x):
         B, n, d = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.explicit:  # the h score matrices materialised (and kept for backward)
+            scores = q @ k.transpose(-1, -2) / (d // self.h) ** 0.5
+            tri = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            att = torch.softmax(scores.masked_fill(~tri, float("-inf")), -1) @ v
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = rms_norm(x + self.o(att.transpose(1, 2).reshape(B, n, d)))
         return rms_norm(x + self.down(F.gelu(self.up(x))))
 
@@ -78,10 +86,18 @@ def step_of(module, x):
     return step
 
 
+def set_explicit(models, explicit: bool):
+    """Explicit attention on both sides (True), or SDPA on both (False)."""
+    for layer in models["gau"].layers:
+        layer.use_sdpa = not explicit
+    models["mha"].explicit = explicit
+
+
 def worker(args, d_ff):
     """A fresh process: the peak resident set of one forward+backward of one model (CPU)."""
     models = build(args.d_model, args.key_size, args.num_heads, d_ff, max(args.lengths),
                    torch.device("cpu"), getattr(torch, args.dtype))
+    set_explicit(models, args.explicit)
     x = torch.randn(args.batch_size, args.worker_length, args.d_model, dtype=getattr(torch, args.dtype))
     report_worker_result(rss_peak_bytes(step_of(models[args.worker], x)))
 
@@ -93,11 +109,12 @@ def main():
     p.add_argument("--key-size", type=int, default=64)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=15, help="timed rounds (round robin)")
     p.add_argument("--worker", choices=["gau", "mha"], help=argparse.SUPPRESS)
     p.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--explicit", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -117,27 +134,38 @@ def main():
     print("GAU attention runs through SDPA (softmax_plus: the row factor folded into Q); "
           "'predicted' is the ratio of multiply-adds per token, 'measured / predicted' how far "
           "GAU's time is from what its FLOPs imply (goal <= 1.1); peak memory of one "
-          "forward+backward (CUDA allocator, or the resident set of a fresh CPU process)\n")
+          "forward+backward (CUDA allocator, or the resident set of a fresh CPU process), with "
+          "fused attention (SDPA) on both sides, then with explicit attention on both sides\n")
     print("| T | 2 x GAU fwd+bwd | MHA+FFN fwd+bwd | measured GAU / MHA | predicted (MACs) | "
-          "measured / predicted | GAU peak MiB | MHA+FFN peak MiB | GAU / MHA memory |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "measured / predicted | GAU peak MiB | MHA+FFN peak MiB | GAU / MHA memory | "
+          "explicit: GAU peak MiB | explicit: MHA+FFN peak MiB | explicit: GAU / MHA memory |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.lengths:
         x = torch.randn(args.batch_size, n, d, device=device, dtype=dtype)
         runs = {k: step_of(m, x) for k, m in models.items()}
         t = round_robin_median(runs, device, warmup=2, repeats=args.repeats)
-        if device.type == "cuda":
-            mem = {k: cuda_peak_bytes(r, device) for k, r in runs.items()}
-        else:
-            mem = {k: run_worker([sys.executable, __file__, "--device", "cpu", "--dtype", args.dtype,
-                                  "--d-model", str(d), "--key-size", str(s), "--num-heads",
-                                  str(args.num_heads), "--batch-size", str(args.batch_size),
-                                  "--lengths", *map(str, args.lengths), "--worker", k,
-                                  "--worker-length", str(n)]) or 0 for k in runs}
+        mem = {}
+        for explicit in (False, True):
+            if device.type == "cuda":
+                set_explicit(models, explicit)
+                mem[explicit] = {k: cuda_peak_bytes(r, device) for k, r in runs.items()}
+            else:
+                mem[explicit] = {
+                    k: run_worker([sys.executable, __file__, "--device", "cpu", "--dtype", args.dtype,
+                                   "--d-model", str(d), "--key-size", str(s), "--num-heads",
+                                   str(args.num_heads), "--batch-size", str(args.batch_size),
+                                   "--lengths", *map(str, args.lengths), "--worker", k,
+                                   "--worker-length", str(n)] + ["--explicit"] * explicit) or 0
+                    for k in runs}
+        set_explicit(models, False)
         mac_gau, mac_mha = macs_per_token(d, s, e, d_ff, n)
         measured, predicted = t["gau"] / t["mha"], mac_gau / mac_mha
+        fused, expl = mem[False], mem[True]
         print(f"| {n} | {t['gau'] * 1e3:.2f} ms | {t['mha'] * 1e3:.2f} ms | {measured:.2f}x | "
-              f"{predicted:.2f}x | {measured / predicted:.2f} | {mem['gau'] / 2**20:.0f} | "
-              f"{mem['mha'] / 2**20:.0f} | {mem['gau'] / max(mem['mha'], 1):.2f}x |", flush=True)
+              f"{predicted:.2f}x | {measured / predicted:.2f} | {fused['gau'] / 2**20:.0f} | "
+              f"{fused['mha'] / 2**20:.0f} | {fused['gau'] / max(fused['mha'], 1):.2f}x | "
+              f"{expl['gau'] / 2**20:.0f} | {expl['mha'] / 2**20:.0f} | "
+              f"{expl['gau'] / max(expl['mha'], 1):.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Multi-label categorical cross-entropy: time and memory of forward + backward.
 
-Compares ``companion.losses.multilabel_categorical_crossentropy`` (-inf masking, logsumexp over
-``cat([masked, 0])``) with two straightforward implementations of the same loss and, as a reference
-point for cost only, with ``F.binary_cross_entropy_with_logits`` (a different loss):
+Compares ``companion.losses.multilabel_categorical_crossentropy`` (-inf masking, one fused softmax
+over the two groups) with two straightforward implementations of the same loss and, as the plain
+torch operation of the same shape, with ``F.binary_cross_entropy_with_logits`` (a different loss):
 
 - "exp sums": ``log1p(sum (1-y) e^s) + log1p(sum y e^{-s})``, the formula typed as written; it
   overflows to inf once a logit exceeds ~88 in float32 (~11 in float16).
 - "1e12 mask": the widely copied port that masks by subtracting 1e12 instead of using -inf.
 
-Prints a markdown table: median time of forward + backward, the bytes autograd saves for the
-backward pass, and (on CUDA) the peak memory allocated during the step, each with its ratio to ours.
+Prints a markdown table: median time of forward + backward (round robin, so that a busy spell of
+the machine falls on every method alike), its ratio to ours, to BCE and to a plain ``clone()`` of
+the logits (the memory-bandwidth unit: "copies"), the bytes autograd saves for the backward pass,
+and (on CUDA) the peak memory allocated during the step.
 
     python benchmarks/bench_multilabel.py                 # cuda if available, else cpu
     python benchmarks/bench_multilabel.py --device cpu --sizes 256x10000
@@ -21,10 +23,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
-
 from companion.losses import multilabel_categorical_crossentropy
-from _common import device_name  # noqa: E402
+from _common import device_name, round_robin_median  # noqa: E402
 
 
 def loss_exp_sums(logits, targets):
@@ -71,20 +71,13 @@ def step(fn, logits, targets):
     fn(logits, targets).backward()
 
 
-def measure(fn, logits, targets, min_run_time):
-    step(fn, logits, targets)  # warm-up
-    timer = benchmark.Timer(stmt="step(fn, logits, targets)",
-                            globals=dict(step=step, fn=fn, logits=logits, targets=targets))
-    t = timer.blocked_autorange(min_run_time=min_run_time).median
-    peak = None
-    if logits.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(fn, logits, targets)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    return t, saved_bytes(fn, logits, targets), peak
+def peak_bytes(fn, logits, targets):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(fn, logits, targets)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def main() -> None:
@@ -93,8 +86,11 @@ def main() -> None:
     parser.add_argument("--sizes", default=None,
                         help="comma-separated BxN (default: 256x10000 on cpu; also 256x100000, 1024x100000 on cuda)")
     parser.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per entry")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (round robin)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sizes = args.sizes or ("256x10000,256x100000,1024x100000" if cuda else "256x10000")
@@ -104,9 +100,11 @@ def main() -> None:
     print(f"device: {device_name(device)} ({device.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print("forward + backward of the mean loss; targets have 1-5 positives per row; "
-          "ratio = method / ours (time, memory)\n")
-    head = "| B x n | dtype | method | time (ms) | ratio | saved for backward (MiB) | ratio |"
-    sep = "|---|---|---|---:|---:|---:|---:|"
+          "ratio = method / ours (time, memory); x BCE = time / BCE's; copies = time / "
+          "a clone() of the logits\n")
+    head = ("| B x n | dtype | method | time (ms) | ratio | x BCE | copies | "
+            "saved for backward (MiB) | ratio |")
+    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|"
     if cuda:
         head += " peak (MiB) | ratio |"
         sep += "---:|---:|"
@@ -119,14 +117,22 @@ def main() -> None:
             logits = (torch.randn(b, n, device=device) * 3).to(dtype).requires_grad_(True)
             k = torch.randint(1, 6, (b, 1), device=device)
             targets = torch.rand(b, n, device=device).argsort(-1) < k  # bool, 1..5 positives
-            rows = {name: measure(fn, logits, targets, args.min_run_time) for name, fn in METHODS.items()}
-            t0, s0, p0 = rows["ours (-inf mask)"]
-            for name, (t, s, p) in rows.items():
-                line = (f"| {b} x {n} | {dtype_name} | {name} | {t * 1e3:.2f} | {t / t0:.2f}x | "
-                        f"{s / 2**20:.1f} | {s / s0:.2f}x |")
+            runs = {name: (lambda fn=fn, x=logits, y=targets: step(fn, x, y))
+                    for name, fn in METHODS.items()}
+            runs["copy"] = logits.detach().clone
+            t = round_robin_median(runs, device, warmup=3, repeats=args.repeats)
+            t0, tb, tc = t["ours (-inf mask)"], t["BCE (reference point)"], t["copy"]
+            s0 = saved_bytes(loss_ours, logits, targets)
+            p0 = peak_bytes(loss_ours, logits, targets) if cuda else None
+            for name, fn in METHODS.items():
+                sb = saved_bytes(fn, logits, targets)
+                line = (f"| {b} x {n} | {dtype_name} | {name} | {t[name] * 1e3:.2f} | "
+                        f"{t[name] / t0:.2f}x | {t[name] / tb:.2f}x | {t[name] / tc:.1f} | "
+                        f"{sb / 2**20:.1f} | {sb / s0:.2f}x |")
                 if cuda:
+                    p = peak_bytes(fn, logits, targets)
                     line += f" {p / 2**20:.1f} | {p / p0:.2f}x |"
-                print(line)
+                print(line, flush=True)
             del logits, targets
             if cuda:
                 torch.cuda.empty_cache()

@@ -8,6 +8,10 @@ in the paper's add-eps1 mode) beside torch.optim.Adafactor (foreach) and AdamW (
 optimizer.step() alone on fixed gradients (the part that differs), median of round-robin runs.
 Optimizer-state bytes from companion.memory.optimizer_state_bytes after one step. Prints a
 markdown table with the device named.
+
+Memory-limit ratio, from the same round-robin run: "copies" = step time / one clone of every
+parameter (``_common.copy_unit`` over the parameter list: the step is elementwise over the
+parameters, so this is its bandwidth unit); goal <= 8.
 """
 from __future__ import annotations
 
@@ -16,14 +20,20 @@ import argparse
 import torch
 from companion.lm import GPTConfig
 from companion.optim import Adafactor
-from _common import device_name, gpt_with_gradients, time_optimizer_steps  # noqa: E402
+from _common import (COPIES_GOAL, copy_unit, device_name, gpt_with_gradients,  # noqa: E402
+                     time_optimizer_steps)
+
+COPY = "clone of every parameter"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     cfg = GPTConfig(vocab_size=8192, num_layers=8, num_heads=8, d_model=384, block_size=256)
     base = gpt_with_gradients(cfg, 4, 128, dev)
@@ -36,18 +46,23 @@ def main() -> None:
         "torch Adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
         "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     }
-    t, state = time_optimizer_steps(base, makers, dev, warmup=1, repeats=args.repeats)
+    t, state = time_optimizer_steps(base, makers, dev, warmup=1, repeats=args.repeats,
+                                    extra={COPY: copy_unit(list(base.parameters()))})
     ref_t, ref_s = t["torch Adafactor"], state["torch Adafactor"]
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"GPT: {cfg.num_layers} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}: "
-          f"{n / 1e6:.1f}M parameters; time of optimizer.step() on fixed gradients\n")
-    print("| optimizer | step time | time / torch Adafactor | state bytes | "
-          "state / torch Adafactor |")
-    print("|---|---:|---:|---:|---:|")
+          f"{n / 1e6:.1f}M parameters; time of optimizer.step() on fixed gradients, median of "
+          f"{args.repeats} (round robin)\n")
+    print(f"| optimizer | step time | time / torch Adafactor | copies (goal <= {COPIES_GOAL}) "
+          "| state bytes | state / torch Adafactor |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in makers:
         print(f"| {name} | {t[name] * 1e3:.1f} ms | {t[name] / ref_t:.2f}x | "
-              f"{state[name] / 2**20:.2f} MiB | {state[name] / ref_s:.2f}x |")
+              f"{t[name] / t[COPY]:.1f} | {state[name] / 2**20:.2f} MiB | "
+              f"{state[name] / ref_s:.2f}x |")
+    print(f"\nmemory-limit unit: one clone of every parameter ({len(list(base.parameters()))} "
+          f"tensors) = {t[COPY] * 1e3:.3g} ms (same run); copies = step time / that")
     print(f"\nAdamW state / Adafactor state: {state['torch AdamW'] / ref_s:.1f}x")
 
 

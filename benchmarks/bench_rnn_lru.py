@@ -9,6 +9,10 @@ notebook): h_t = lambda * h_{t-1} + gamma * (B x_t), y_t = Re(C h_t) + D * x_t. 
 takes T sequential steps. Their outputs are checked to agree before timing. Prints a markdown table
 of the median forward + backward time (round robin, one run) and the loop / scan ratio, with the
 device named, and writes it to benchmarks/results/lru-scan-<cpu|cuda>.md.
+
+Memory-limit ratio, from the same round-robin run: "copies" = the scan's forward + backward time
+/ one ``x.clone()`` of the input x [batch, T, d_model] (``_common.copy_unit``), beside its goal
+for a log-depth scan over T steps, 2 log2 T.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 from companion.rnn import DiagonalLinearRNN
-from _common import device_name, round_robin_median  # noqa: E402
+from _common import copy_unit, device_name, round_robin_median, scan_copies_goal  # noqa: E402
 
 
 def forward_loop(m: DiagonalLinearRNN, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,10 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (round robin)")
     p.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -60,8 +67,9 @@ def main():
              f"torch {torch.__version__}, threads {torch.get_num_threads()}",
              f"d_model={args.d_model}, d_state={args.d_state}, batch={args.batch_size}; "
              "median of one forward + backward (round robin); goal: the scan faster than the "
-             "loop at T = 4096", "",
-             "| T | scan fwd+bwd | loop fwd+bwd | loop / scan |", "|---:|---:|---:|---:|"]
+             "loop at T = 4096; copies = scan time / x.clone() (same run)", "",
+             "| T | scan fwd+bwd | loop fwd+bwd | loop / scan | x.clone() | scan: copies of x "
+             "| copies goal (2 log2 T) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for line in lines:
         print(line)
     for T in args.lengths:
@@ -71,10 +79,12 @@ def main():
             err = ((got - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, f"scan and loop disagree at T={T}: relative error {err:.1e}"
         t = round_robin_median({"scan": step_of(DiagonalLinearRNN.__call__, m, x),
-                                "loop": step_of(forward_loop, m, x)},
+                                "loop": step_of(forward_loop, m, x),
+                                "copy": copy_unit(x)},
                                device, warmup=1, repeats=args.repeats)
         row = (f"| {T} | {t['scan'] * 1e3:.1f} ms | {t['loop'] * 1e3:.1f} ms | "
-               f"{t['loop'] / t['scan']:.1f}x |")
+               f"{t['loop'] / t['scan']:.1f}x | {t['copy'] * 1e3:.3g} ms | "
+               f"{t['scan'] / t['copy']:.1f} | <= {scan_copies_goal(T):.3g} |")
         print(row, flush=True)
         lines.append(row)
     command = "python benchmarks/bench_rnn_lru.py " + " ".join(sys.argv[1:])

@@ -9,6 +9,10 @@ the configuration that equals Lion with beta1 = beta2) beside lion_pytorch.Lion 
 over parameters) and torch.optim.AdamW (foreach). Timed: optimizer.step() alone on fixed
 gradients, median of round-robin runs. The speed ratio is Lion's step time / ours (goal >= 1).
 State bytes from companion.memory.optimizer_state_bytes after one step (goal: one buffer).
+
+Memory-limit ratio, from the same round-robin run: "copies" = step time / one clone of every
+parameter (``_common.copy_unit`` over the parameter list: the step is elementwise over the
+parameters, so this is its bandwidth unit); goal <= 8.
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import torch
 from lion_pytorch import Lion
 from companion.lm import GPTConfig
 from companion.optim import Tiger
-from _common import device_name, gpt_with_gradients, time_optimizer_steps  # noqa: E402
+from _common import (COPIES_GOAL, copy_unit, device_name, gpt_with_gradients,  # noqa: E402
+                     time_optimizer_steps)
+
+COPY = "clone of every parameter"
 
 
 def tiger_groups(params, names):
@@ -31,7 +38,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     cfg = GPTConfig(vocab_size=4096, num_layers=4, num_heads=4, d_model=256, block_size=128)
     base = gpt_with_gradients(cfg, 8, 128, dev)
@@ -46,19 +56,23 @@ def main() -> None:
         "lion-pytorch Lion": lambda ps: Lion(ps, lr=1e-4, weight_decay=0.01),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     }
-    t, state = time_optimizer_steps(base, makers, dev, warmup=2, repeats=args.repeats)
+    t, state = time_optimizer_steps(base, makers, dev, warmup=2, repeats=args.repeats,
+                                    extra={COPY: copy_unit(list(base.parameters()))})
     lion_t = t["lion-pytorch Lion"]
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"GPT: {cfg.num_layers} layers, d={cfg.d_model}, vocabulary {cfg.vocab_size}: "
           f"{n / 1e6:.2f}M parameters ({n * 4 / 2**20:.2f} MiB in float32); time of "
           f"optimizer.step() on fixed gradients, median of {args.repeats}\n")
-    print("| optimizer | step time | speed ratio (Lion / this) | state bytes | "
-          "state / parameter bytes |")
-    print("|---|---:|---:|---:|---:|")
+    print("| optimizer | step time | speed ratio (Lion / this) "
+          f"| copies (goal <= {COPIES_GOAL}) | state bytes | state / parameter bytes |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in makers:
         print(f"| {name} | {t[name] * 1e3:.1f} ms | {lion_t / t[name]:.2f}x | "
-              f"{state[name] / 2**20:.2f} MiB | {state[name] / (4 * n):.2f} |")
+              f"{t[name] / t[COPY]:.1f} | {state[name] / 2**20:.2f} MiB | "
+              f"{state[name] / (4 * n):.2f} |")
+    print(f"\nmemory-limit unit: one clone of every parameter ({len(names)} tensors) = "
+          f"{t[COPY] * 1e3:.3g} ms (same run); copies = step time / that")
 
 
 if __name__ == "__main__":

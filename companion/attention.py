@@ -636,14 +636,16 @@ def vq_attention_naive(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor,
     return torch.softmax(logits, dim=-1) @ v
 
 
-def _code_sums(codes: torch.Tensor, v: torch.Tensor, c: int, offset: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-code counts ``Delta^T 1`` ``[..., g, c]`` and value sums ``Delta^T V`` ``[..., g, c, dv]``
-    of groups of positions (``codes [..., g, l]``, ``v [..., g, l, dv]``), by scatter-add (no
-    one-hot matrix). Group ``b`` lands in slot ``b + offset``; groups pushed past ``g`` are dropped."""
+def _code_sums(codes: torch.Tensor, v: torch.Tensor, c: int, offset: int = 0,
+               slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts ``Delta^T 1`` ``[..., slots, c]`` and value sums ``Delta^T V``
+    ``[..., slots, c, dv]`` of groups of positions (``codes [..., g, l]``, ``v [..., g, l, dv]``),
+    by scatter-add (no one-hot matrix). Group ``b`` lands in slot ``b + offset``; ``slots``
+    (default ``g``, at most ``g + offset``) slots are kept, groups pushed past them are dropped."""
     *batch, g, l = codes.shape
     dv = v.shape[-1]
-    # every group is scattered, into g + offset slots, and the last `offset` are dropped: no
+    slots = g if slots is None else slots
+    # every group is scattered, into g + offset slots, and the slots past `slots` are dropped: no
     # zero-size slice when g <= offset (which torch.compile's Inductor cannot lower)
     slot = codes.long() + c * (torch.arange(g, device=codes.device) + offset)[:, None]
     slot = slot.reshape(*batch, g * l)
@@ -651,18 +653,19 @@ def _code_sums(codes: torch.Tensor, v: torch.Tensor, c: int, offset: int = 0
     counts = v.new_zeros(*batch, size).scatter_add_(-1, slot, v.new_ones(()).expand(slot.shape))
     sums = v.new_zeros(*batch, size, dv).scatter_add_(
         -2, slot.unsqueeze(-1).expand(*slot.shape, dv), v.reshape(*batch, g * l, dv))
-    counts, sums = counts[..., : g * c], sums[..., : g * c, :]
-    return counts.reshape(*batch, g, c), sums.reshape(*batch, g, c, dv)
+    counts, sums = counts[..., : slots * c], sums[..., : slots * c, :]
+    return counts.reshape(*batch, slots, c), sums.reshape(*batch, slots, c, dv)
 
 
-def _cumsum_(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Cumulative sum along ``dim``. torch's strided CPU scan over a leading dim is several times
-    slower than a loop of in-place slice additions, which is used where no gradient is needed."""
-    if x.requires_grad or x.device.type != "cpu" or torch.compiler.is_compiling():
+def _cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cumulative sum along ``dim < -1``. Up to 64 entries: ``tril(1) @ x``, one matrix product
+    (torch's strided CPU scan over a leading dim is several times slower, and a loop of in-place
+    slice additions is as fast on one core but many small ops)."""
+    k = x.shape[dim]
+    if k > 64:
         return x.cumsum(dim)
-    for i in range(1, x.shape[dim]):
-        x.select(dim, i).add_(x.select(dim, i - 1))
-    return x
+    tri = torch.ones(k, k, dtype=x.dtype, device=x.device).tril_()
+    return (tri @ x.flatten(dim + 1)).view(x.shape)
 
 
 def _log_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -670,10 +673,18 @@ def _log_counts(counts: torch.Tensor) -> torch.Tensor:
     return counts.clamp(min=1).log().masked_fill(counts == 0, float("-inf"))
 
 
+# Default chunk of causal vq_attention: as many blocks as keep the chunk's scores and per-block
+# caches, prod(batch) * (l (2l + c) + c (dv + 1)) elements per block, under this bound (at least
+# one block). CPU: 2^22 elements = 16 MiB in float32, 12 blocks of 128 at 4 heads, c = 256,
+# dv = 64 (the time is flat from 2 to 16 such blocks). Accelerators: 2^24, fewer kernel launches.
+_VQ_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+_VQ_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+
+
 def vq_attention(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor, codebook: torch.Tensor,
                  causal: bool = True, block_size: int = 64, rel_bias: torch.Tensor | None = None,
                  scale: float | None = None, *, k_hat: torch.Tensor | None = None,
-                 grad_through_cache: bool = False) -> torch.Tensor:
+                 grad_through_cache: bool = False, chunk_size: int | None = None) -> torch.Tensor:
     r"""Softmax attention with vector-quantised keys in O(n c d) time and memory (Transformer-VQ).
 
     Shapes: ``q [..., n, dk]``, ``codes [..., n]`` (integers in ``[0, c)``, the code of each key),
@@ -695,18 +706,29 @@ def vq_attention(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor, codebook
       equal in value to ``C[codes]``) replaces ``C[codes]`` in these exact local scores only, so
       that gradients reach the keys there. Unless ``grad_through_cache``, the cache ``U_{i-2}`` is
       detached, as in the paper (values older than one block get no gradient from later queries).
+
+    The blocks are processed in chunks of ``chunk_size`` blocks (``causal=True`` only), carrying
+    the cache (counts ``[..., c]``, value sums ``[..., c, dv]`` of the blocks before the chunk's
+    previous one) from chunk to chunk, so that only one chunk's scores ``[..., chunk, l, 2l + c]``
+    and caches exist at a time: the peak memory is the ``[..., n, dv]`` output plus one chunk.
+    ``chunk_size=None`` takes as many blocks as keep ``prod(batch) (l (2l + c) + c (dv + 1))``
+    elements per block under ``2^22`` in all on the CPU, ``2^24`` on accelerators (at least one
+    block). The result does not depend on ``chunk_size``, an int >= 1.
     """
     _vq_check(q, codes, v, codebook, causal, block_size, rel_bias, scale, k_hat)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
     if q.numel() == 0 or v.numel() == 0:  # an empty batch or sequence: an empty result
         return v * 0
     out_dtype = q.dtype
     work = torch.promote_types(q.dtype, torch.float32)
-    q, v, codebook = q.to(work), v.to(work), codebook.to(work)
+    codebook = codebook.to(work)
     *batch, n, dk = q.shape
     c, dv = codebook.shape[-2], v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
 
     if not causal:
+        q, v = q.to(work), v.to(work)
         counts, sums = _code_sums(codes.unsqueeze(-2), v.unsqueeze(-3), c)   # Delta^T 1, Delta^T V
         counts, sums = counts.squeeze(-2), sums.squeeze(-3)
         v_bar = sums / counts.clamp(min=1).unsqueeze(-1)               # mean value per code
@@ -715,44 +737,86 @@ def vq_attention(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor, codebook
 
     l = block_size
     m = -(-n // l)                                                     # number of blocks
-    keys = k_hat.to(work) if k_hat is not None else _gather_codes(codebook, codes)
-    if m * l > n:                                                      # pad the last block
-        q, v, keys = (F.pad(t, (0, 0, 0, m * l - n)) for t in (q, v, keys))
-        codes = F.pad(codes, (0, m * l - n))
-    qb = (scale * q).reshape(*batch, m, l, dk)
-    kb = keys.reshape(*batch, m, l, dk)
-    vb = v.reshape(*batch, m, l, dv)
-
-    def with_previous(x):                                              # [.., m, l, e] -> [.., m, 2l, e]
-        prev = torch.cat([torch.zeros_like(x[..., :1, :, :]), x[..., :-1, :, :]], dim=-3)
-        return torch.cat([prev, x], dim=-2)
-
-    # exact scores of the current and previous block: scale q.k_hat + B, causal mask
-    k_loc, v_loc = with_previous(kb), with_previous(vb)
-    local = qb @ k_loc.transpose(-1, -2)                               # [..., m, l, 2l]
+    if chunk_size is None:
+        per_block = math.prod(batch) * (l * (2 * l + c) + c * (dv + 1))
+        budget = _VQ_CHUNK_ELEMENTS.get(q.device.type, _VQ_CHUNK_ELEMENTS_DEFAULT)
+        chunk_size = max(1, budget // per_block)
+    # additive bias and causal mask of the scores on the current ([l, l], lag r - j) and previous
+    # block ([l, l], lag l + r - j, always >= 1)
     r = torch.arange(l, device=q.device)
-    j = torch.arange(2 * l, device=q.device)
-    lag = l + r[:, None] - j[None, :]                                  # t - s inside the window
+    lag = r[:, None] - r[None, :]
+    bias_cur = bias_prev = None
     if rel_bias is not None:
-        local = local + _lag_bias(rel_bias.to(work), lag)
-    keep = (lag >= 0).expand(m, l, 2 * l).clone()
-    keep[0, :, :l] = False                                             # block 0 has no previous block
-    local = local.masked_fill(~keep, float("-inf"))
+        rb = rel_bias.to(work)
+        bias_cur = _lag_bias(rb, lag).masked_fill(lag < 0, float("-inf"))
+        bias_prev = _lag_bias(rb, lag + l)
+    future = lag < 0
 
-    # cache of blocks <= i-2: U_{i-2} = sum_{b <= i-2} Delta_[b]^T V_[b] (block b stored in slot b+2)
-    counts, sums = _code_sums(codes.reshape(*batch, m, l), vb if grad_through_cache else vb.detach(),
-                              c, offset=2)
-    counts, sums = _cumsum_(counts, -2), _cumsum_(sums, -3)            # [..., m, c], [..., m, c, dv]
-    v_bar = sums / counts.clamp(min=1).unsqueeze(-1)                   # mean value per code
-    cache = (qb @ codebook.unsqueeze(-3).transpose(-1, -2)             # scale Q_[i] C^T
-             + _log_counts(counts).unsqueeze(-2))                      # + log count   [..., m, l, c]
+    def blocks(x, lo, hi, front, count):          # rows lo..hi of x as `count` blocks, padded
+        x = x[..., lo:hi, :]
+        pad = count * l - front - (hi - lo)
+        if front or pad:
+            x = F.pad(x, (0, 0, front, pad))
+        return x.reshape(*x.shape[:-2], count, l, x.shape[-1])
 
-    scores = torch.cat([local, cache], dim=-1)                         # [..., m, l, 2l + c]
-    del local, cache                                                   # (lower peak memory)
-    weights = torch.softmax(scores, dim=-1)                            # one softmax over 2l + c
-    del scores
-    out = weights[..., : 2 * l] @ v_loc + weights[..., 2 * l:] @ v_bar
-    return out.reshape(*batch, m * l, dv)[..., :n, :].to(out_dtype)
+    out = None
+    state = None                                   # U_{s-2}: counts [..., c], sums [..., c, dv]
+    for s in range(0, m, chunk_size):
+        last = s + chunk_size >= m                 # (no min(): simpler symbolic shapes)
+        e = m if last else s + chunk_size          # blocks s..e-1, g of them
+        g, hi = e - s, n if last else e * l
+        lo, front = (s - 1) * l if s else 0, 0 if s else l   # with the previous block s-1
+        qb = blocks(q, s * l, hi, 0, g).to(work) * scale              # [..., g, l, dk]
+        cb = blocks(codes.unsqueeze(-1), lo, hi, front, g + 1).squeeze(-1)  # [..., g+1, l]
+        vb = blocks(v, lo, hi, front, g + 1).to(work)                      # [..., g+1, l, dv]
+        kb = (blocks(k_hat, lo, hi, front, g + 1).to(work) if k_hat is not None
+              else _gather_codes(codebook, cb.flatten(-2)).unflatten(-2, (g + 1, l)))
+
+        # exact scores of the current and previous block: scale q.k_hat + B, causal mask
+        cur = qb @ kb[..., 1:, :, :].transpose(-1, -2)                # [..., g, l, l]
+        prev = qb @ kb[..., :-1, :, :].transpose(-1, -2)              # [..., g, l, l]
+        del kb
+        if bias_cur is not None:
+            cur, prev = cur.add_(bias_cur), prev.add_(bias_prev)
+        else:
+            cur = cur.masked_fill_(future, float("-inf"))
+        if s == 0:
+            prev[..., 0, :, :] = float("-inf")                        # block 0: no previous block
+
+        # cache of blocks <= i-2 for the chunk's blocks, U_{s-2} .. U_{e-2} in slots 0 .. g:
+        # block b of the chunk's g + 1 (block s - 1 + b) lands in slot b + 1 (+ the carried
+        # U_{s-2} in slot 0), then a cumulative sum; block e-1 is dropped (it enters at e+1)
+        src = vb if grad_through_cache else vb.detach()
+        counts, sums = (_code_sums(cb, src, c, offset=1, slots=g + 1) if s else
+                        _code_sums(cb[..., 1:, :], src[..., 1:, :, :], c, offset=2, slots=g + 1))
+        if state is not None:
+            counts[..., 0, :] += state[0]
+            sums[..., 0, :, :] += state[1]
+        counts, sums = _cumsum(counts, -2), _cumsum(sums, -3)        # [..., g+1, c(, dv)]
+        state = counts[..., g, :].clone(), sums[..., g, :, :].clone()  # U_{e-2} for the next chunk
+        counts, sums = counts[..., :g, :], sums[..., :g, :, :]
+        v_bar = sums.div_(counts.clamp(min=1).unsqueeze(-1))          # mean value per code
+        cache = (qb.flatten(-3, -2) @ codebook.transpose(-1, -2))     # scale Q_[i] C^T
+        cache = cache.unflatten(-2, (g, l)).add_(_log_counts(counts).unsqueeze(-2))  # + log count
+        del qb, counts, sums
+
+        # one softmax over the 2l + c slots, without concatenating them
+        with torch.no_grad():
+            top = torch.maximum(torch.maximum(cur.amax(-1), prev.amax(-1)), cache.amax(-1))
+        top = top.unsqueeze(-1)
+        cur, prev, cache = cur.sub_(top).exp_(), prev.sub_(top).exp_(), cache.sub_(top).exp_()
+        den = cur.sum(-1, keepdim=True).add_(prev.sum(-1, keepdim=True)).add_(
+            cache.sum(-1, keepdim=True))
+        o = cur @ vb[..., 1:, :, :]
+        o = o.add_(prev @ vb[..., :-1, :, :]).add_(cache @ v_bar).div_(den)   # [..., g, l, dv]
+        del cur, prev, cache, v_bar, vb, den
+        o = o.flatten(-3, -2)
+        if s == 0 and e == m:                      # a single chunk
+            return o[..., :n, :].to(out_dtype)
+        if out is None:
+            out = o.new_empty(*batch, n, dv, dtype=out_dtype)
+        out[..., s * l: hi, :] = o[..., : hi - s * l, :]
+    return out
 
 
 class VQAttention(nn.Module):

@@ -1,10 +1,14 @@
 """Tests of VQ attention in companion.attention (notebook: transformer-vq)."""
+import weakref
+
 import pytest
 import torch
 from _helpers import LargestTensor
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from companion import attention as A
 from companion.attention import VQAttention, vq_attention, vq_attention_naive
 from companion.quantize import VectorQuantizer
 
@@ -119,6 +123,137 @@ def test_no_quadratic_intermediate(causal):
     with LargestTensor() as rec:
         vq_attention_naive(q, codes, v, codebook, causal=causal)
     assert rec.largest >= 1024 ** 2                # the reference is quadratic
+
+
+# --- chunks of blocks: same result, bounded memory ---------------------------------------------
+@pytest.mark.parametrize("block_size, n", [(1, 23), (7, 100), (16, 100), (16, 16), (64, 100)])
+def test_chunk_sizes_equal_naive(block_size, n):
+    """Any chunk size (dividing the number of blocks m or not, 1 block, m, more than m, the
+    default) gives the naive result, with a bias, per-head codebooks and straight-through keys."""
+    q, codes, v, _ = _data(n=n, c=9)
+    codebook = torch.randn(3, 9, 6, dtype=torch.float64)
+    bias = torch.randn(min(block_size, 5), dtype=torch.float64)
+    k_hat = torch.gather(codebook.expand(2, 3, 9, 6), -2, codes[..., None].expand(2, 3, n, 6))
+    want = vq_attention_naive(q, codes, v, codebook, rel_bias=bias)
+    m = -(-n // block_size)
+    for chunk in sorted({1, 2, 3, 5, m, m + 3}) + [None]:
+        for kh in (None, k_hat):
+            got = vq_attention(q, codes, v, codebook, block_size=block_size, rel_bias=bias,
+                               k_hat=kh, chunk_size=chunk)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=f"chunk_size={chunk}")
+
+
+def test_chunk_size_does_not_change_gradients():
+    q, codes, v, codebook = _data(shape=(2,), n=45, c=6)
+    bias = torch.randn(3, dtype=torch.float64)
+    w = torch.randn(2, 45, 5, dtype=torch.float64)
+    for through in (False, True):
+        grads = []
+        for chunk in (1, 3, 4, None):                             # 6 blocks of 8
+            args = [t.clone().requires_grad_() for t in (q, v, codebook, bias)]
+            out = vq_attention(*args[:1], codes, *args[1:3], block_size=8, rel_bias=args[3],
+                               grad_through_cache=through, chunk_size=chunk)
+            grads.append(torch.autograd.grad((out * w).sum(), args))
+        for g in grads[1:]:
+            for a, b in zip(grads[0], g):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("through", [False, True])
+def test_gradcheck_causal_chunks(through):
+    """Exact gradients across chunk boundaries (4 blocks of 3 in chunks of 3 and 1 block); with
+    the default detached cache, the values are left out (they get a cut gradient by design)."""
+    q, codes, v, codebook = _data(shape=(), n=11, dk=2, dv=2, c=3)
+    bias = torch.randn(2, dtype=torch.float64)
+    q, v, codebook, bias = (t.requires_grad_() for t in (q, v, codebook, bias))
+
+    def f(q, cb, b, v=v.detach()):
+        return vq_attention(q, codes, v, cb, block_size=3, rel_bias=b, chunk_size=3,
+                            grad_through_cache=through)
+    assert torch.autograd.gradcheck(f, (q, codebook, bias, v) if through else (q, codebook, bias))
+
+
+def test_chunk_size_errors_name_the_argument():
+    q, codes, v, codebook = _data(n=10, c=4)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="chunk_size: expected a value in"):
+            vq_attention(q, codes, v, codebook, chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size: expected an int"):
+        vq_attention(q, codes, v, codebook, chunk_size=2.0)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops create and that are alive at once (the inputs', and
+    views of them, are not counted): each storage is counted from the first op returning it until
+    the last tensor returned on it is freed (a finalizer per returned tensor)."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(x, torch.Tensor):
+                continue
+            storage = x.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in self.skip:
+                continue
+            if key not in self.live:
+                self.live[key] = [storage.nbytes(), 0]
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+            self.live[key][1] += 1
+            weakref.finalize(x, self._free, key)
+        return out
+
+
+def _extra_peak(q, codes, v, codebook, **kw):
+    """Peak live bytes of a no-grad forward pass beyond its [..., n, dv] output."""
+    with torch.no_grad(), _LiveBytes(q, codes, v, codebook) as rec:
+        out = vq_attention(q, codes, v, codebook, **kw)
+    return rec.peak - out.numel() * out.element_size()
+
+
+def test_forward_peak_does_not_grow_with_the_length():
+    """With a fixed chunk, the memory beyond the output is one chunk's, whatever n (unchunked, the
+    [..., n / l, l, 2l + c] scores and [..., n / l, c, dv] caches alone were 4 x larger at 4n)."""
+    extra = {}
+    for n in (4096, 16384):
+        q, codes, v, codebook = _data(shape=(2,), n=n, dk=8, dv=8, c=16, dtype=torch.float32)
+        extra[n] = _extra_peak(q, codes, v, codebook, block_size=16, chunk_size=8)
+        assert extra[n] < 2 * 16384 * 8 * 4 // 8                  # < 1/8 of the output at 16k
+    assert extra[16384] <= 1.2 * extra[4096]
+
+
+def test_default_chunk_bounds_the_forward_peak():
+    """The default chunk keeps the intermediates near the documented 2^22 elements (here 4
+    chunks; one pass over all 256 blocks would hold 50 MB of scores alone)."""
+    q, codes, v, codebook = _data(shape=(4,), n=16384, dk=16, dv=16, c=64, dtype=torch.float32)
+    extra = _extra_peak(q, codes, v, codebook, block_size=64)
+    assert 0 < extra <= 2 * 4 * A._VQ_CHUNK_ELEMENTS["cpu"]       # 32 MiB
+
+
+def test_chunks_under_torch_compile_with_changing_lengths():
+    """Several chunks (3, then 4) under AOT autograd's functionalisation of the in-place ops;
+    static shapes per length (the one-chunk dynamic-shape case is in test_properties)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, c, v, cb: vq_attention(q, c, v, cb, block_size=4, chunk_size=2),
+                      backend="aot_eager", dynamic=False)
+    for n in (19, 30):
+        q, codes, v, codebook = _data(shape=(2,), n=n, c=5, dtype=torch.float32)
+        torch.testing.assert_close(f(q, codes, v, codebook),
+                                   vq_attention_naive(q, codes, v, codebook),
+                                   rtol=1e-5, atol=1e-5)
 
 
 # --- gradients --------------------------------------------------------------------------------
