@@ -114,6 +114,12 @@ def gau_param_count(d_model: int, expansion, key_size: int, bias: bool = False) 
     return count
 
 
+# From this many positions on, GAU's attention pads Q and K to the value width on the CPU when a
+# backward pass will follow (see _attend_sdpa): measured on 2 cores, the padded fused kernel is as
+# fast as the math kernel at n = 2048 (and 2x slower at 512) and keeps no [n, n] matrix.
+_GAU_PAD_FROM = 2048
+
+
 class GatedAttentionUnit(nn.Module):
     """One GAU layer (no norm, no residual: the caller wraps it, e.g. Post-Norm ``norm(x + gau(x))``).
 
@@ -122,7 +128,9 @@ class GatedAttentionUnit(nn.Module):
     A = gau_attention_normalize(S, mask, normalization, train_length),  O = (U ⊙ (A V)) W_o.
     "softmax" and "softmax_plus" run through SDPA (``F.scaled_dot_product_attention``, with
     softmax_plus's row factor folded into Q); "squared_relu", and ``use_sdpa = False``, form A
-    explicitly (the reference the tests compare to).
+    explicitly (the reference the tests compare to). On the CPU, from n = 2048 on and when
+    gradients are recorded, Q and K are zero-padded to the value width e: the CPU's fused kernel
+    needs equal widths, and without it SDPA keeps the [n, n] matrices for the backward pass.
 
     ``rotary``: optional callable applied to Q and K ``[B, n, s]`` (e.g. RoPE); ``bias=False`` is
     GAU-alpha (no linear biases, no offsets beta). ``gamma`` starts at 1 as in GAU-alpha, or at
@@ -201,6 +209,12 @@ class GatedAttentionUnit(nn.Module):
                 keep = torch.broadcast_to(mask, (q.shape[0], q.shape[-2], k.shape[-2]))
                 count = keep.sum(-1).to(work).clamp(min=1.0)          # c: kept keys per row
             q = q * (torch.log(count) / math.log(self.train_length)).unsqueeze(-1).to(q.dtype)
+        if (q.device.type == "cpu" and v.shape[-1] > s and q.shape[-2] >= _GAU_PAD_FROM
+                and torch.is_grad_enabled()):
+            # the CPU's fused (flash) kernel needs equal key and value widths; otherwise SDPA
+            # falls back to its math kernel, which keeps the [n, n] matrices for backward.
+            # Zero columns leave Q K^T unchanged: the fused kernel at e/s times the Q K^T work.
+            q, k = F.pad(q, (0, v.shape[-1] - s)), F.pad(k, (0, v.shape[-1] - s))
         if causal_only:  # SDPA's own causal kernel: no mask tensor, masked blocks skipped
             return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
                                                   is_causal=True, scale=1.0 / math.sqrt(s))[:, 0]

@@ -323,3 +323,37 @@ def test_gau_sdpa_path_equals_the_explicit_reference(normalization, causal):
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_sdpa, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,padded", [(True, False), (False, False), (True, True)])
+def test_gau_long_sequences_keep_no_score_matrix_on_the_cpu(monkeypatch, causal, padded):
+    """From _GAU_PAD_FROM positions on, Q and K are zero-padded to the value width so that the
+    CPU's fused kernel runs: no [n, n] tensor is saved for backward, and values and gradients
+    equal the explicit reference (float32 here: the CPU's fused kernel has no float64)."""
+    import companion.attention as A
+
+    monkeypatch.setattr(A, "_GAU_PAD_FROM", 16)
+    torch.manual_seed(1)
+    n = 48
+    gau = GatedAttentionUnit(16, 2, 8, normalization="softmax_plus", causal=causal,
+                             train_length=16)
+    x = torch.randn(2, n, 16, requires_grad=True)
+    key_mask = torch.ones(2, n, dtype=torch.bool)
+    if padded:
+        key_mask[1, 30:] = False
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = gau(x, key_mask if padded else None)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    if not padded:  # the mask tensor of a padded batch is [B, n, n] bool by itself
+        assert not [s for s in shapes if len(s) >= 2 and s[-1] == n and s[-2] == n], shapes
+    gau.use_sdpa = False
+    ref = gau(x, key_mask if padded else None)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
