@@ -64,10 +64,11 @@ def scan_copies_goal(steps: int) -> float:
 
 def copy_unit(x):
     """The memory-bandwidth unit of a kernel benchmark, as a zero-argument callable: one
-    ``clone()`` of the tensor ``x`` (the kernel's main input), or of every tensor of ``x`` when it
-    is a list or tuple (for an optimizer: one clone of every parameter, since its step is
-    elementwise over the parameters). A clone reads and writes each element once, so it is the
-    least time a kernel that must read its input and write a result of that size can take.
+    ``clone()`` of the tensor ``x`` (the kernel's main input), or, when ``x`` is a list or tuple,
+    a copy of every tensor into buffers allocated once (for an optimizer, whose step updates the
+    parameters in place: a fresh clone of tens of MiB of parameters would time the allocator's
+    page faults, not the memory). A copy reads and writes each element once, so it is the least
+    time a kernel that must read its input and write a result of that size can take.
 
     Time it in the same ``round_robin_median`` run as the kernel; "copies" = kernel time / this
     time (goal ``COPIES_GOAL`` = 8 for an arithmetic-only kernel, ``scan_copies_goal(T)`` =
@@ -76,7 +77,12 @@ def copy_unit(x):
         x = x.detach()
         return lambda: x.clone()
     xs = [t.detach() for t in x]
-    return lambda: [t.clone() for t in xs]
+    dst = [torch.empty_like(t) for t in xs]
+
+    def copy_all():
+        for d, t in zip(dst, xs):
+            d.copy_(t)
+    return copy_all
 
 
 def cuda_peak_bytes(run, device) -> int:

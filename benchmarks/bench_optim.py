@@ -9,7 +9,7 @@ optimizer.step() alone on fixed gradients (the part that differs), median of rou
 Optimizer-state bytes from companion.memory.optimizer_state_bytes after one step. Prints a
 markdown table with the device named.
 
-Memory-limit ratio, from the same round-robin run: "copies" = step time / one clone of every
+Memory-limit ratio, from the same round-robin run: "copies" = step time / one copy of every
 parameter (``_common.copy_unit`` over the parameter list: the step is elementwise over the
 parameters, so this is its bandwidth unit); goal <= 8.
 """
@@ -23,7 +23,7 @@ from companion.optim import Adafactor
 from _common import (COPIES_GOAL, copy_unit, device_name, gpt_with_gradients,  # noqa: E402
                      time_optimizer_steps)
 
-COPY = "clone of every parameter"
+COPY = "copy of every parameter"
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
         print(f"| {name} | {t[name] * 1e3:.1f} ms | {t[name] / ref_t:.2f}x | "
               f"{t[name] / t[COPY]:.1f} | {state[name] / 2**20:.2f} MiB | "
               f"{state[name] / ref_s:.2f}x |")
-    print(f"\nmemory-limit unit: one clone of every parameter ({len(list(base.parameters()))} "
+    print(f"\nmemory-limit unit: one copy of every parameter (into buffers allocated once) ({len(list(base.parameters()))} "
           f"tensors) = {t[COPY] * 1e3:.3g} ms (same run); copies = step time / that")
     print(f"\nAdamW state / Adafactor state: {state['torch AdamW'] / ref_s:.1f}x")
 

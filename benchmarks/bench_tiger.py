@@ -10,7 +10,7 @@ over parameters) and torch.optim.AdamW (foreach). Timed: optimizer.step() alone 
 gradients, median of round-robin runs. The speed ratio is Lion's step time / ours (goal >= 1).
 State bytes from companion.memory.optimizer_state_bytes after one step (goal: one buffer).
 
-Memory-limit ratio, from the same round-robin run: "copies" = step time / one clone of every
+Memory-limit ratio, from the same round-robin run: "copies" = step time / one copy of every
 parameter (``_common.copy_unit`` over the parameter list: the step is elementwise over the
 parameters, so this is its bandwidth unit); goal <= 8.
 """
@@ -25,7 +25,7 @@ from companion.optim import Tiger
 from _common import (COPIES_GOAL, copy_unit, device_name, gpt_with_gradients,  # noqa: E402
                      time_optimizer_steps)
 
-COPY = "clone of every parameter"
+COPY = "copy of every parameter"
 
 
 def tiger_groups(params, names):
@@ -71,7 +71,7 @@ def main() -> None:
         print(f"| {name} | {t[name] * 1e3:.1f} ms | {lion_t / t[name]:.2f}x | "
               f"{t[name] / t[COPY]:.1f} | {state[name] / 2**20:.2f} MiB | "
               f"{state[name] / (4 * n):.2f} |")
-    print(f"\nmemory-limit unit: one clone of every parameter ({len(names)} tensors) = "
+    print(f"\nmemory-limit unit: one copy of every parameter (into buffers allocated once) ({len(names)} tensors) = "
           f"{t[COPY] * 1e3:.3g} ms (same run); copies = step time / that")
 
 
