@@ -264,9 +264,13 @@ def _logsumexp_others(s: torch.Tensor) -> torch.Tensor:
     For j != argmax the sum contains exp(s_max), so with e = exp(s - s_max) it is
     s_max + log(sum(e) - e_j), and sum(e) - e_j >= 1 (no cancellation). For j = argmax the row is
     re-summed with that entry masked to -inf."""
-    s_max, top = s.detach().max(-1, keepdim=True)  # any constant shift is exact; detached as logsumexp does
+    top = s.detach().argmax(-1, keepdim=True)
     is_top = torch.arange(s.shape[-1], device=s.device) == top  # exactly one True per row, even with ties
-    e = torch.exp(s - s_max)
+    s_max = s.gather(-1, top)
+    # e = exp(s - s_max) = p / p_max from the fused softmax (torch.exp is many times slower where
+    # its result is subnormal, as for a confident model's far-off classes)
+    p = torch.softmax(s, -1)
+    e = p / p.gather(-1, top)
     rest = (e.sum(-1, keepdim=True) - e).masked_fill(is_top, 1.0)  # 1 where unused: no log(0)
     others_of_top = torch.logsumexp(s.masked_fill(is_top, -math.inf), -1, keepdim=True)
     return torch.where(is_top, others_of_top, s_max + torch.log(rest))
@@ -276,7 +280,9 @@ def _log1p_sum_over_positions(a: torch.Tensor) -> torch.Tensor:
     """log(1 + sum_i exp(a[..., i, j])) -> [..., m]: a logsumexp over positions with a zero appended,
     finite (and with finite gradients) even when every a[..., :, j] is -inf."""
     zero = torch.zeros_like(a[..., :1, :])
-    return torch.logsumexp(torch.cat([a, zero], dim=-2), dim=-2)
+    # -log_softmax at the appended 0: the fused kernel (logsumexp's exp of the -inf entries of
+    # hard targets is several times slower)
+    return -torch.log_softmax(torch.cat([a, zero], dim=-2), dim=-2)[..., -1, :]
 
 
 def nm_crossentropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
@@ -440,9 +446,12 @@ def emo_mle_loss(logits: torch.Tensor, target: torch.Tensor, cost_embedding: tor
     valid, t = _check_class_logits(logits, target, ignore_index)
     dtype = _compute_dtype(logits)
     e_hat = _unit_cost_embedding(cost_embedding, logits.shape[-1], dtype)
-    log_p = torch.log_softmax(logits.to(dtype), dim=-1)                      # log p [..., V]
+    x = logits.to(dtype)
+    log_p = torch.log_softmax(x, dim=-1)                                     # log p [..., V]
     ce = -log_p.gather(-1, t[..., None])[..., 0]                             # CE = -log p_t
-    emo, rest = _emo_cost(log_p.exp(), e_hat, t)                             # C (see emo_loss)
+    # p from its own fused softmax, not log_p.exp(): torch.exp is many times slower where its
+    # result is subnormal (log p below about -87, common for a confident model's vocabulary)
+    emo, rest = _emo_cost(torch.softmax(x, dim=-1), e_hat, t)                # C (see emo_loss)
     # sg[CE / C]; C below what rounding resolves (a few eps of 1 - p_t) is floored there, so a
     # confident model gets a finite, bounded weight instead of CE / 0.
     floor = (8 * torch.finfo(dtype).eps * rest).clamp_min(torch.finfo(dtype).tiny)
