@@ -264,13 +264,9 @@ def _logsumexp_others(s: torch.Tensor) -> torch.Tensor:
     For j != argmax the sum contains exp(s_max), so with e = exp(s - s_max) it is
     s_max + log(sum(e) - e_j), and sum(e) - e_j >= 1 (no cancellation). For j = argmax the row is
     re-summed with that entry masked to -inf."""
-    top = s.detach().argmax(-1, keepdim=True)
+    s_max, top = s.detach().max(-1, keepdim=True)  # any constant shift is exact; detached as logsumexp does
     is_top = torch.arange(s.shape[-1], device=s.device) == top  # exactly one True per row, even with ties
-    s_max = s.gather(-1, top)
-    # e = exp(s - s_max) = p / p_max from the fused softmax (torch.exp is many times slower where
-    # its result is subnormal, as for a confident model's far-off classes)
-    p = torch.softmax(s, -1)
-    e = p / p.gather(-1, top)
+    e = torch.exp(s - s_max)
     rest = (e.sum(-1, keepdim=True) - e).masked_fill(is_top, 1.0)  # 1 where unused: no log(0)
     others_of_top = torch.logsumexp(s.masked_fill(is_top, -math.inf), -1, keepdim=True)
     return torch.where(is_top, others_of_top, s_max + torch.log(rest))
