@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from companion.rnn import DiagonalLinearRNN
+from companion.rnn import DiagonalLinearRNN, linear_scan
 from _common import copy_unit, device_name, round_robin_median, scan_copies_goal  # noqa: E402
 
 
@@ -85,6 +85,29 @@ def main():
         row = (f"| {T} | {t['scan'] * 1e3:.1f} ms | {t['loop'] * 1e3:.1f} ms | "
                f"{t['loop'] / t['scan']:.1f}x | {t['copy'] * 1e3:.3g} ms | "
                f"{t['scan'] / t['copy']:.1f} | <= {scan_copies_goal(T):.3g} |")
+        print(row, flush=True)
+        lines.append(row)
+    # the scan kernel alone: rnn.linear_scan over the layer's complex states b [B, T, d_state]
+    # with a constant diagonal a, in copies of b (the layer above adds its projections)
+    lines += ["", "rnn.linear_scan alone (constant diagonal a, b [B, T, d_state] complex64), "
+              "in copies of b (same run):", "",
+              "| T | scan forward | copies of b | scan fwd+bwd | copies of b | copies goal "
+              "(2 log2 T) |", "|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines[-4:]))
+    for T in args.lengths:
+        a = torch.polar(0.4 + 0.5 * torch.rand(args.d_state), 6.28 * torch.rand(args.d_state))
+        a = a.to(device)
+        b = torch.randn(args.batch_size, T, args.d_state, dtype=torch.complex64, device=device)
+        bg, g = b.clone().requires_grad_(), torch.randn_like(b)
+
+        def scan_fb():
+            bg.grad = None
+            linear_scan(a, bg).backward(g)
+        t = round_robin_median({"fwd": lambda: linear_scan(a, b), "fb": scan_fb,
+                                "copy": copy_unit(b)}, device, warmup=1, repeats=args.repeats)
+        row = (f"| {T} | {t['fwd'] * 1e3:.2f} ms | {t['fwd'] / t['copy']:.1f} | "
+               f"{t['fb'] * 1e3:.2f} ms | {t['fb'] / t['copy']:.1f} | "
+               f"<= {scan_copies_goal(T):.3g} |")
         print(row, flush=True)
         lines.append(row)
     command = "python benchmarks/bench_rnn_lru.py " + " ".join(sys.argv[1:])
