@@ -261,3 +261,26 @@ def test_emo_cost_accurate_when_confident():
     ref = (logits.double().softmax(-1) * (1 - e @ e.T)[t]).sum(-1)
     got = emo_loss(logits, t, emb, reduction="none").double()
     assert torch.allclose(got, ref, rtol=1e-3, atol=0), (got, ref)
+
+
+def test_emo_mle_takes_no_elementwise_exp_over_the_vocabulary():
+    """p comes from the fused softmax, not exp(log p): torch.exp is many times slower where its
+    result is subnormal, as for most of a confident model's vocabulary."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 40, generator=g, requires_grad=True)
+    target = torch.randint(0, 40, (6,), generator=g)
+    emb = torch.randn(40, 5, generator=g)
+    big = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("exp", "exp_") and args[0].numel() >= logits.numel():
+                big.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        emo_mle_loss(logits, target, emb)[0].backward()
+    assert not big, big
