@@ -222,8 +222,11 @@ def _fsq_core(z: torch.Tensor, c: _FSQConstants, variant: str, with_indices: boo
         idx = idx.to(torch.int64)
         if level_offset:
             idx += level_offset
-        # a vector with a non-finite entry has no code: its index is -1 (never a valid index)
-        idx = torch.where(torch.isfinite(z).all(-1), idx, torch.full_like(idx, -1))
+        # a vector with a non-finite entry has no code: its index is -1 (never a valid index);
+        # one global test first, the per-vector one only when it fails (always under
+        # torch.compile, which cannot branch on a tensor's value)
+        if torch.compiler.is_compiling() or not bool(torch.isfinite(z).all()):
+            idx = torch.where(torch.isfinite(z).all(-1), idx, torch.full_like(idx, -1))
     return codes, idx
 
 
