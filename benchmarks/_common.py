@@ -129,13 +129,15 @@ def run_worker(cmd: list) -> int | None:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
 
-def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int,
-                         extra: dict | None = None):
+COPY_OF_PARAMETERS = "copy of every parameter"
+
+
+def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int):
     """``(seconds, state_bytes)`` per optimizer: each ``makers[name](params)`` gets its own copy
     of ``base``'s parameters holding ``base``'s gradients (fixed: only ``step()`` is timed, round
-    robin, median); state bytes are read after the first step. ``extra``: more zero-argument
-    callables (e.g. ``{"copy": copy_unit(list(base.parameters()))}``) timed in the same round
-    robin; their seconds join the first dict under their own names (not the second)."""
+    robin, median); state bytes are read after the first step. The seconds also hold, under
+    ``COPY_OF_PARAMETERS``, the memory-limit unit timed in the same round robin: one copy of
+    every parameter (``copy_unit``), since a step is elementwise over the parameters."""
     from companion.memory import optimizer_state_bytes
 
     grads = [p.grad.clone() for p in base.parameters()]
@@ -148,10 +150,7 @@ def time_optimizer_steps(base, makers: dict, device, warmup: int, repeats: int,
         opt.step()
         state[name] = optimizer_state_bytes(opt)
         runs[name] = opt.step
-    for name, run in (extra or {}).items():
-        if name in runs:
-            raise ValueError(f"extra: {name!r} is also the name of an optimizer")
-        runs[name] = run
+    runs[COPY_OF_PARAMETERS] = copy_unit(list(base.parameters()))
     return round_robin_median(runs, device, warmup=warmup, repeats=repeats), state
 
 

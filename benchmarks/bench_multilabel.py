@@ -24,7 +24,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 from companion.losses import multilabel_categorical_crossentropy
-from _common import device_name, round_robin_median  # noqa: E402
+from _common import cuda_peak_bytes, device_name, round_robin_median  # noqa: E402
 
 
 def loss_exp_sums(logits, targets):
@@ -71,15 +71,6 @@ def step(fn, logits, targets):
     fn(logits, targets).backward()
 
 
-def peak_bytes(fn, logits, targets):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step(fn, logits, targets)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,14 +114,14 @@ def main() -> None:
             t = round_robin_median(runs, device, warmup=3, repeats=args.repeats)
             t0, tb, tc = t["ours (-inf mask)"], t["BCE (reference point)"], t["copy"]
             s0 = saved_bytes(loss_ours, logits, targets)
-            p0 = peak_bytes(loss_ours, logits, targets) if cuda else None
+            p0 = cuda_peak_bytes(runs["ours (-inf mask)"], device) if cuda else None
             for name, fn in METHODS.items():
                 sb = saved_bytes(fn, logits, targets)
                 line = (f"| {b} x {n} | {dtype_name} | {name} | {t[name] * 1e3:.2f} | "
                         f"{t[name] / t0:.2f}x | {t[name] / tb:.2f}x | {t[name] / tc:.1f} | "
                         f"{sb / 2**20:.1f} | {sb / s0:.2f}x |")
                 if cuda:
-                    p = peak_bytes(fn, logits, targets)
+                    p = cuda_peak_bytes(runs[name], device)
                     line += f" {p / 2**20:.1f} | {p / p0:.2f}x |"
                 print(line, flush=True)
             del logits, targets

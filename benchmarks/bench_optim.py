@@ -9,9 +9,9 @@ optimizer.step() alone on fixed gradients (the part that differs), median of rou
 Optimizer-state bytes from companion.memory.optimizer_state_bytes after one step. Prints a
 markdown table with the device named.
 
-Memory-limit ratio, from the same round-robin run: "copies" = step time / one copy of every
-parameter (``_common.copy_unit`` over the parameter list: the step is elementwise over the
-parameters, so this is its bandwidth unit); goal <= 8.
+Memory-limit ratio: "copies" = step time / one copy of every parameter, timed in the same
+round robin by ``_common.time_optimizer_steps`` (a step is elementwise over the parameters, so
+this is its bandwidth unit); goal <= 8.
 """
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ import argparse
 import torch
 from companion.lm import GPTConfig
 from companion.optim import Adafactor
-from _common import (COPIES_GOAL, copy_unit, device_name, gpt_with_gradients,  # noqa: E402
-                     time_optimizer_steps)
+from _common import (COPIES_GOAL, COPY_OF_PARAMETERS, device_name,  # noqa: E402
+                     gpt_with_gradients, time_optimizer_steps)
 
-COPY = "copy of every parameter"
 
 
 def main() -> None:
@@ -46,8 +45,7 @@ def main() -> None:
         "torch Adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
         "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     }
-    t, state = time_optimizer_steps(base, makers, dev, warmup=1, repeats=args.repeats,
-                                    extra={COPY: copy_unit(list(base.parameters()))})
+    t, state = time_optimizer_steps(base, makers, dev, warmup=1, repeats=args.repeats)
     ref_t, ref_s = t["torch Adafactor"], state["torch Adafactor"]
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
@@ -59,10 +57,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name in makers:
         print(f"| {name} | {t[name] * 1e3:.1f} ms | {t[name] / ref_t:.2f}x | "
-              f"{t[name] / t[COPY]:.1f} | {state[name] / 2**20:.2f} MiB | "
+              f"{t[name] / t[COPY_OF_PARAMETERS]:.1f} | {state[name] / 2**20:.2f} MiB | "
               f"{state[name] / ref_s:.2f}x |")
-    print(f"\nmemory-limit unit: one copy of every parameter (into buffers allocated once) ({len(list(base.parameters()))} "
-          f"tensors) = {t[COPY] * 1e3:.3g} ms (same run); copies = step time / that")
+    print(f"\nmemory-limit unit: one copy of every parameter into buffers allocated once "
+          f"({len(list(base.parameters()))} tensors) = {t[COPY_OF_PARAMETERS] * 1e3:.3g} ms "
+          "(same run); copies = step time / that")
     print(f"\nAdamW state / Adafactor state: {state['torch AdamW'] / ref_s:.1f}x")
 
 

@@ -10,9 +10,9 @@ over parameters) and torch.optim.AdamW (foreach). Timed: optimizer.step() alone 
 gradients, median of round-robin runs. The speed ratio is Lion's step time / ours (goal >= 1).
 State bytes from companion.memory.optimizer_state_bytes after one step (goal: one buffer).
 
-Memory-limit ratio, from the same round-robin run: "copies" = step time / one copy of every
-parameter (``_common.copy_unit`` over the parameter list: the step is elementwise over the
-parameters, so this is its bandwidth unit); goal <= 8.
+Memory-limit ratio: "copies" = step time / one copy of every parameter, timed in the same
+round robin by ``_common.time_optimizer_steps`` (a step is elementwise over the parameters, so
+this is its bandwidth unit); goal <= 8.
 """
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ import torch
 from lion_pytorch import Lion
 from companion.lm import GPTConfig
 from companion.optim import Tiger
-from _common import (COPIES_GOAL, copy_unit, device_name, gpt_with_gradients,  # noqa: E402
-                     time_optimizer_steps)
+from _common import (COPIES_GOAL, COPY_OF_PARAMETERS, device_name,  # noqa: E402
+                     gpt_with_gradients, time_optimizer_steps)
 
-COPY = "copy of every parameter"
 
 
 def tiger_groups(params, names):
@@ -56,8 +55,7 @@ def main() -> None:
         "lion-pytorch Lion": lambda ps: Lion(ps, lr=1e-4, weight_decay=0.01),
         "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     }
-    t, state = time_optimizer_steps(base, makers, dev, warmup=2, repeats=args.repeats,
-                                    extra={COPY: copy_unit(list(base.parameters()))})
+    t, state = time_optimizer_steps(base, makers, dev, warmup=2, repeats=args.repeats)
     lion_t = t["lion-pytorch Lion"]
     print(f"device: {device_name(dev)} ({dev.type}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
@@ -69,10 +67,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name in makers:
         print(f"| {name} | {t[name] * 1e3:.1f} ms | {lion_t / t[name]:.2f}x | "
-              f"{t[name] / t[COPY]:.1f} | {state[name] / 2**20:.2f} MiB | "
+              f"{t[name] / t[COPY_OF_PARAMETERS]:.1f} | {state[name] / 2**20:.2f} MiB | "
               f"{state[name] / (4 * n):.2f} |")
-    print(f"\nmemory-limit unit: one copy of every parameter (into buffers allocated once) ({len(names)} tensors) = "
-          f"{t[COPY] * 1e3:.3g} ms (same run); copies = step time / that")
+    print(f"\nmemory-limit unit: one copy of every parameter into buffers allocated once "
+          f"({len(names)} tensors) = {t[COPY_OF_PARAMETERS] * 1e3:.3g} ms (same run); "
+          "copies = step time / that")
 
 
 if __name__ == "__main__":

@@ -691,8 +691,7 @@ def _log_counts(counts: torch.Tensor) -> torch.Tensor:
 # caches, prod(batch) * (l (2l + c) + c (dv + 1)) elements per block, under this bound (at least
 # one block). CPU: 2^22 elements = 16 MiB in float32, 12 blocks of 128 at 4 heads, c = 256,
 # dv = 64 (the time is flat from 2 to 16 such blocks). Accelerators: 2^24, fewer kernel launches.
-_VQ_CHUNK_ELEMENTS = {"cpu": 1 << 22}
-_VQ_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+_VQ_CHUNK_ELEMENTS_CPU, _VQ_CHUNK_ELEMENTS_ACCELERATOR = 1 << 22, 1 << 24
 
 
 def vq_attention(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor, codebook: torch.Tensor,
@@ -753,7 +752,8 @@ def vq_attention(q: torch.Tensor, codes: torch.Tensor, v: torch.Tensor, codebook
     m = -(-n // l)                                                     # number of blocks
     if chunk_size is None:
         per_block = math.prod(batch) * (l * (2 * l + c) + c * (dv + 1))
-        budget = _VQ_CHUNK_ELEMENTS.get(q.device.type, _VQ_CHUNK_ELEMENTS_DEFAULT)
+        budget = (_VQ_CHUNK_ELEMENTS_CPU if q.device.type == "cpu"
+                  else _VQ_CHUNK_ELEMENTS_ACCELERATOR)
         chunk_size = max(1, budget // per_block)
     # additive bias and causal mask of the scores on the current ([l, l], lag r - j) and previous
     # block ([l, l], lag l + r - j, always >= 1)

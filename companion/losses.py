@@ -124,13 +124,14 @@ class _MultilabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, pos):
         n = s.shape[-1]
-        p = torch.softmax(_signed_groups(s, pos), -1)
+        zz = _signed_groups(s, pos)
+        p = torch.softmax(zz, -1)
         last = p[..., n]
         half = torch.log1p(p[..., :n].sum(-1) / last)                # [..., 2]
         ok = last > 1e-30
         if not bool(ok.all()):
             bad = ~ok
-            half[bad] = torch.logsumexp(_signed_groups(s, pos)[bad], -1)
+            half[bad] = torch.logsumexp(zz[bad], -1)
         ctx.save_for_backward(s, pos, p)
         return half[..., 0], half[..., 1]
 

@@ -240,7 +240,7 @@ def test_default_chunk_bounds_the_forward_peak():
     chunks; one pass over all 256 blocks would hold 50 MB of scores alone)."""
     q, codes, v, codebook = _data(shape=(4,), n=16384, dk=16, dv=16, c=64, dtype=torch.float32)
     extra = _extra_peak(q, codes, v, codebook, block_size=64)
-    assert 0 < extra <= 2 * 4 * A._VQ_CHUNK_ELEMENTS["cpu"]       # 32 MiB
+    assert 0 < extra <= 2 * 4 * A._VQ_CHUNK_ELEMENTS_CPU       # 32 MiB
 
 
 def test_chunks_under_torch_compile_with_changing_lengths():
